@@ -34,8 +34,7 @@ def attention_inputs(q: object, k: object, v: object, scale: object) -> float:
         float_tensor(arg, x)
         if x.dim() != 4:
             raise ValueError(
-                f"{arg} must have 4 dimensions (batch, heads, tokens, head_dim), "
-                f"got shape {tuple(x.shape)}"
+                f"{arg} must have 4 dimensions (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}"
             )
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
@@ -68,8 +67,10 @@ def attention_inputs(q: object, k: object, v: object, scale: object) -> float:
 def reduce_dims(dim: object, ndim: int, shape: Sequence[int]) -> tuple[int, ...]:
     """Normalise ``dim`` (an int or a tuple of ints) to sorted non-negative axes."""
     dims = (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else dim
-    if not isinstance(dims, (tuple, list)) or not dims or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in dims
+    if (
+        not isinstance(dims, (tuple, list))
+        or not dims
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
     ):
         raise TypeError(f"dim must be an int or a non-empty tuple of ints, got {dim!r}")
     out = []

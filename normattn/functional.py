@@ -7,7 +7,8 @@ Every implementation takes validated tensors and keyword arguments
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from torch import Tensor
 

@@ -12,8 +12,8 @@ blockwise path and the reference read nothing else. Triton kernels specialise on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -54,7 +54,9 @@ class Normalizer:
     def reciprocal_norm(self, norm: Tensor) -> Tensor:
         """``1 / N``, and 0 for a row with no visible key (``N == 0``): its output is 0."""
         positive = norm > 0
-        return torch.where(positive, 1 / torch.where(positive, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+        return torch.where(
+            positive, 1 / torch.where(positive, norm, torch.ones_like(norm)), torch.zeros_like(norm)
+        )
 
 
 SOFTMAX = Normalizer(

@@ -21,9 +21,7 @@ def visible(q_idx: Tensor, k_idx: Tensor, t_q: int, t_k: int, causal: bool) -> T
 
 
 def full_mask(t_q: int, t_k: int, causal: bool, device: torch.device) -> Tensor | None:
-    return visible(
-        torch.arange(t_q, device=device), torch.arange(t_k, device=device), t_q, t_k, causal
-    )
+    return visible(torch.arange(t_q, device=device), torch.arange(t_k, device=device), t_q, t_k, causal)
 
 
 _seed_warned = False
