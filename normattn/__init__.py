@@ -2,6 +2,7 @@
 
 from .functional import MaxReduceResult, attention, max_reduce
 from .normalizers import BETA, NORMALIZERS, SOFTMAX, Normalizer
+from .ops.beta_linear.recurrent import BetaState, beta_decode, beta_prefill
 
 __all__ = [
     "attention",
@@ -11,5 +12,8 @@ __all__ = [
     "NORMALIZERS",
     "SOFTMAX",
     "BETA",
+    "beta_prefill",
+    "beta_decode",
+    "BetaState",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,412 @@
+"""Linear-time exact beta attention in plain PyTorch: chunked forward, backward and JVP.
+
+beta attention (MATH.md sections 3-4) weighs row ``i`` of the scores as ``s_ij / (1 + r_i)`` with
+``r_i = ||s_i||``. The numerator is linear and ``r_i^2`` quadratic in the scores, so every sum over
+keys factors through the states ``H = sum_j k_j v_j^T`` (d x dv) and ``G = sum_j k_j k_j^T`` (d x d):
+
+    U_i = H_i^T q_i,   r_i = sqrt(q_i^T G_i q_i),   O_i = U_i / (1 + r_i)
+
+(the scale is folded into ``q`` here and below), at ``O(T d^2)`` cost with no ``T x T`` matrix.
+Causal attention cuts the queries into chunks of ``C`` positions: inside a chunk the ``C x C`` block
+of scores is used directly (the quadratic form), and the keys of all earlier chunks enter through
+``H`` and ``G`` summed over those chunks. The backward pass does the same in reverse with
+``R_j = sum_{i sees j} a_i q_i g_i^T`` and ``W_j = sum_{i sees j} rho_i q_i q_i^T``; the JVP carries
+the tangent states ``Hd`` and ``Gd`` alongside ``H`` and ``G``.
+
+The chunks are processed in groups of ``GROUP_SIZE`` positions: within a group, the states of all
+chunks come from one batched matmul and one cumulative sum over the chunk axis; between groups a
+single ``d x d`` state is carried (forward) or ``R, W`` are carried back (backward). So the Python
+loop runs ``T / GROUP_SIZE`` times, never per position or per chunk, and the per-chunk temporaries
+(``T d^2 / C`` and ``T C`` numbers per head if made for all chunks at once) stay a fixed size.
+
+Bottom-right causal alignment with ``Tq != Tk`` reduces to the square case: when ``Tq > Tk`` the
+first ``Tq - Tk`` queries see nothing (output 0, gradient 0) and are left out; when ``Tq < Tk`` the
+first ``Tk - Tq`` keys are seen by every query and enter as the initial state (the "prefix").
+Non-causal attention is the case where every key is in the prefix (no quadratic part).
+
+Accuracy: ``q^T G q`` through the state has an absolute rounding error of about
+``eps * q^T |G| q``, so it is clamped at 0. For a query almost orthogonal to every key (``r_i``
+below that noise) the output is still right, but ``rho_i`` is a ratio of rounding noise: the norm
+term of the gradient is ``O(r_i)`` in exact arithmetic and comes out at rounding level instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ...normalizers import Normalizer
+from ..common import accumulation_dtype
+
+CHUNK_SIZE = 64
+# Positions handled by one vectorized step; bounds the per-chunk temporaries, not the result.
+GROUP_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class _Group:
+    queries: slice  # rows of q, out, grad_out and dq
+    keys: slice  # rows of the diagonal keys paired with those queries (causal)
+    length: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the queries and keys of one call split into the parts the chunked algorithm handles."""
+
+    skip: int  # leading queries that see no key (causal, Tq > Tk): output 0, gradient 0
+    active: int  # the remaining queries
+    n_prefix: int  # leading keys that every active query sees (all keys when not causal)
+    causal: bool  # the other keys pair one-to-one with the active queries, lower-triangular
+    chunk: int  # quadratic-form chunk length (non-causal: one chunk per group, no quadratic part)
+
+    @staticmethod
+    def of(t_q: int, t_k: int, causal: bool, chunk_size: int) -> _Layout:
+        if not causal:
+            return _Layout(0, t_q, t_k, False, chunk=max(min(GROUP_SIZE, t_q), 1))
+        skip = max(t_q - t_k, 0)
+        active = t_q - skip
+        return _Layout(skip, active, max(t_k - t_q, 0), True, chunk=max(min(chunk_size, active), 1))
+
+    def groups(self) -> list[_Group]:
+        size = self.chunk * max(1, GROUP_SIZE // self.chunk)
+        return [
+            _Group(
+                slice(self.skip + start, self.skip + stop),
+                slice(self.n_prefix + start, self.n_prefix + stop),
+                stop - start,
+            )
+            for start, stop in ((s, min(s + size, self.active)) for s in range(0, self.active, size))
+        ]
+
+
+def outer_sum(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_t a_t b_t^T``: ``[..., T, m], [..., T, n] -> [..., m, n]``."""
+    return a.transpose(-1, -2) @ b
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``[..., e], [..., e] -> [..., 1]``: row-wise dot products, kept as a column for broadcasting."""
+    return (a * b).sum(-1, keepdim=True)
+
+
+def _take(x: Tensor, rows: slice, layout: _Layout, acc: torch.dtype, scale: float | None = None) -> Tensor:
+    """Rows of ``x`` in the accumulation dtype as chunks ``[..., NC, C, e]``, zero-padded at the end:
+    zero rows add nothing to any sum."""
+    x = x[..., rows, :].to(acc)
+    if scale is not None:
+        x = scale * x
+    length = x.shape[-2]
+    n_chunks = -(-length // layout.chunk)
+    if n_chunks * layout.chunk != length:
+        x = F.pad(x, (0, 0, 0, n_chunks * layout.chunk - length))
+    return x.unflatten(-2, (n_chunks, layout.chunk))
+
+
+def _put(dest: Tensor, rows: slice, chunks: Tensor, length: int) -> None:
+    """Write chunks ``[..., NC, C, e]`` (dropping the padding) into rows of ``dest [..., T, e]``."""
+    dest[..., rows, :] = chunks.flatten(-3, -2)[..., :length, :]
+
+
+def _forward_states(a: Tensor | None, b: Tensor | None, carry: Tensor) -> tuple[Tensor, Tensor]:
+    """The state each chunk of a group starts from, ``[..., NC, m, n]``, and the state after the group.
+
+    ``carry`` is ``sum_j a_j b_j^T`` over the keys before the group; the group's chunks add theirs
+    one after another (one matmul, one cumulative sum over the chunk axis). Not causal
+    (``a is None``): every query sees exactly ``carry``.
+    """
+    if a is None:
+        return carry.unsqueeze(-3), carry
+    per_chunk = outer_sum(a, b)  # [..., NC, C, m]^T @ [..., NC, C, n] -> [..., NC, m, n]
+    states = torch.empty_like(per_chunk)
+    states[..., :1, :, :] = carry.unsqueeze(-3)
+    states[..., 1:, :, :] = per_chunk[..., :-1, :, :]
+    states.cumsum_(-3)
+    return states, states[..., -1, :, :] + per_chunk[..., -1, :, :]
+
+
+def _reverse_states(a: Tensor, b: Tensor, carry: Tensor, causal: bool) -> tuple[Tensor | None, Tensor]:
+    """The reverse of ``_forward_states`` for ``sum_i a_i b_i^T`` over queries: per chunk the sum
+    over the later chunks of the group plus ``carry`` (the later groups), and the carry before the
+    group. Computed in place as total minus inclusive prefix (no flipped copies)."""
+    per_chunk = outer_sum(a, b)
+    total = per_chunk.sum(-3, keepdim=True)
+    if not causal:
+        return None, carry + total.squeeze(-3)
+    later = per_chunk.cumsum_(-3).neg_().add_(total + carry.unsqueeze(-3))
+    return later, carry + total.squeeze(-3)
+
+
+def _diagonal_scores(q: Tensor, k: Tensor) -> Tensor:
+    """Scores inside each chunk, masked to ``j <= i``.
+
+    ``[..., NC, C, d] @ [..., NC, d, C] -> [..., NC, C, C]``
+    """
+    return (q @ k.transpose(-1, -2)).tril_()
+
+
+def _score_norm(q: Tensor, gq_earlier: Tensor, s: Tensor | None) -> Tensor:
+    """``r_i = sqrt(q_i^T G_i q_i)`` as ``[..., NC, C, 1]``, from ``G q`` over the earlier keys and the
+    chunk's own scores. ``G`` is positive semi-definite, so a negative sum is rounding: clamp it."""
+    squared = _rowdot(gq_earlier, q)
+    if s is not None:
+        squared += (s * s).sum(-1, keepdim=True)
+    return squared.clamp_min_(0).sqrt_()
+
+
+def _norm_term_coefficient(r: Tensor, exact: bool) -> Tensor:
+    """``kappa`` with ``rho_i = D_i kappa_i`` (backward) and ``Od_i -= kappa_i (s_i . sd_i) O_i`` (JVP).
+
+    exact: ``1 / (N r)``; the seed shortcut (MATH.md section 5): ``-1 / (N r^2)``. Both are 0 at
+    ``r = 0``, where beta's derivative is the identity (MATH.md section 3).
+    """
+    positive = r > 0
+    safe = torch.where(positive, r, torch.ones_like(r))
+    coefficient = 1 / ((1 + r) * safe) if exact else -1 / ((1 + r) * safe * safe)
+    return torch.where(positive, coefficient, torch.zeros_like(r))
+
+
+def _prefix(x: Tensor, layout: _Layout, acc: torch.dtype) -> Tensor:
+    return x[..., : layout.n_prefix, :].to(acc)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, chunk_size: int) -> Tensor:
+    acc = accumulation_dtype(q.dtype)
+    layout = _Layout.of(q.shape[-2], k.shape[-2], causal, chunk_size)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=acc)
+    k_prefix, v_prefix = _prefix(k, layout, acc), _prefix(v, layout, acc)
+    h, g = outer_sum(k_prefix, v_prefix), outer_sum(k_prefix, k_prefix)
+    for group in layout.groups():
+        qc = _take(q, group.queries, layout, acc, scale)
+        kc = _take(k, group.keys, layout, acc) if causal else None
+        vc = _take(v, group.keys, layout, acc) if causal else None
+        h_chunks, h = _forward_states(kc, vc, h)
+        u = qc @ h_chunks  # [..., NC, C, d] @ [..., NC, d, dv] -> [..., NC, C, dv]
+        del h_chunks
+        g_chunks, g = _forward_states(kc, kc, g)
+        s = _diagonal_scores(qc, kc) if causal else None
+        r = _score_norm(qc, qc @ g_chunks, s)
+        del g_chunks
+        if s is not None:
+            u += s @ vc  # [..., NC, C, C] @ [..., NC, C, dv] -> [..., NC, C, dv]
+        _put(out, group.queries, u.div_(1 + r), group.length)
+    return out
+
+
+def _backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    grad_out: Tensor,
+    scale: float,
+    causal: bool,
+    grad: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` in the accumulation dtype (MATH.md section 4).
+
+    In score space (scale folded into ``q``) ``ds_ij = alpha_i (g_i . v_j) - rho_i s_ij`` with
+    ``alpha_i = a_i = 1 / N_i`` when exact. The seed shortcut's ``ds_ij = D_i s_ij / (r_i^2 N_i)`` is
+    the same with ``alpha = 0`` and ``rho_i = -D_i / (r_i^2 N_i)``; ``dv_j = sum_i a_i s_ij g_i`` is
+    exact in both modes (the seed changes only the map's derivative, not ``O = w V``).
+    """
+    exact = grad == "exact"
+    acc = accumulation_dtype(q.dtype)
+    layout = _Layout.of(q.shape[-2], k.shape[-2], causal, chunk_size)
+    dq, dk, dv = (x.new_zeros(x.shape, dtype=acc) for x in (q, k, v))
+    k_prefix, v_prefix = _prefix(k, layout, acc), _prefix(v, layout, acc)
+    groups = layout.groups()
+    # forward states at the start of each group: the prefix and the earlier groups' keys
+    h, g = outer_sum(k_prefix, v_prefix), outer_sum(k_prefix, k_prefix)
+    starts = []
+    for group in groups:
+        starts.append((h, g))
+        if causal:
+            kg, vg = k[..., group.keys, :].to(acc), v[..., group.keys, :].to(acc)
+            h, g = h + outer_sum(kg, vg), g + outer_sum(kg, kg)
+    # R = sum_i a_i q_i g_i^T and W = sum_i rho_i q_i q_i^T over the queries of later groups
+    r_after = q.new_zeros(*q.shape[:-2], q.shape[-1], v.shape[-1], dtype=acc)
+    w_after = q.new_zeros(*q.shape[:-2], q.shape[-1], q.shape[-1], dtype=acc)
+    for group, (h, g) in zip(reversed(groups), reversed(starts), strict=True):
+        qc = _take(q, group.queries, layout, acc, scale)
+        go, o = _take(grad_out, group.queries, layout, acc), _take(out, group.queries, layout, acc)
+        kc = _take(k, group.keys, layout, acc) if causal else None
+        vc = _take(v, group.keys, layout, acc) if causal else None
+        # row statistics, recomputed exactly as in the forward
+        gq = qc @ _forward_states(kc, kc, g)[0]  # G q over earlier keys: [..., NC, C, d]
+        s = _diagonal_scores(qc, kc) if causal else None
+        r = _score_norm(qc, gq, s)
+        a = 1 / (1 + r)
+        rho = _rowdot(go, o) * _norm_term_coefficient(r, exact)
+        ag = a * go
+        # dq_i = alpha_i H_i g_i - rho_i G_i q_i; here the earlier keys, the chunk's own come with ds
+        dqc = gq.mul_(-rho)
+        if exact:
+            dqc += ag @ _forward_states(kc, vc, h)[0].transpose(-1, -2)  # [.., C, dv] @ [.., dv, d]
+        r_later, r_after = _reverse_states(qc, ag, r_after, causal)  # [..., NC, d, dv]
+        del ag
+        w_later, w_after = _reverse_states(qc, rho * qc, w_after, causal)  # [..., NC, d, d]
+        if causal:
+            dv_chunks = (a * s).transpose(-1, -2) @ go  # [..., NC, C, C]^T @ [..., NC, C, dv]
+            dv_chunks += kc @ r_later
+            _put(dv, group.keys, dv_chunks, group.length)
+            del dv_chunks
+            ds = s.mul_(-rho)
+            if exact:
+                ds += (go @ vc.transpose(-1, -2)).tril_().mul_(a)
+            dqc += ds @ kc  # [..., NC, C, C] @ [..., NC, C, d]
+            dk_chunks = ds.transpose(-1, -2) @ qc
+            del ds, s
+            dk_chunks -= kc @ w_later  # W is symmetric: (W k_j)^T = k_j^T W
+            if exact:
+                dk_chunks += vc @ r_later.transpose(-1, -2)
+            _put(dk, group.keys, dk_chunks, group.length)
+            del dk_chunks
+        _put(dq, group.queries, dqc.mul_(scale), group.length)
+    # the prefix keys are seen by every active query
+    dk_prefix = -(k_prefix @ w_after)
+    if exact:
+        dk_prefix += v_prefix @ r_after.transpose(-1, -2)
+    dk[..., : layout.n_prefix, :] = dk_prefix
+    dv[..., : layout.n_prefix, :] = k_prefix @ r_after
+    return dq, dk, dv
+
+
+def _jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    q_dot: Tensor,
+    k_dot: Tensor,
+    v_dot: Tensor,
+    scale: float,
+    causal: bool,
+    grad: str,
+    chunk_size: int,
+) -> Tensor:
+    """``Od_i = Ud_i / N_i - kappa_i P_i O_i`` with ``P_i = sum_j s_ij sd_ij`` (MATH.md sections 4-5).
+
+    exact: ``Ud_i = sum_j (sd_ij v_j + s_ij vd_j)``; seed: ``Ud_i = sum_j s_ij vd_j``, and the
+    ``O_i`` term changes sign and scale (see ``_norm_term_coefficient``). Carries ``G``,
+    ``Gd = sum_j k_j kd_j^T``, ``sum_j k_j vd_j^T`` and, when exact, ``H`` and ``sum_j kd_j v_j^T``.
+    """
+    exact = grad == "exact"
+    acc = accumulation_dtype(q.dtype)
+    layout = _Layout.of(q.shape[-2], k.shape[-2], causal, chunk_size)
+    od = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=acc)
+    k_prefix, v_prefix = _prefix(k, layout, acc), _prefix(v, layout, acc)
+    k_dot_prefix, v_dot_prefix = _prefix(k_dot, layout, acc), _prefix(v_dot, layout, acc)
+    g, g_dot = outer_sum(k_prefix, k_prefix), outer_sum(k_prefix, k_dot_prefix)
+    h_vdot = outer_sum(k_prefix, v_dot_prefix)
+    h, h_kdot = outer_sum(k_prefix, v_prefix), outer_sum(k_dot_prefix, v_prefix)
+    for group in layout.groups():
+        qc, qc_dot = (
+            _take(q, group.queries, layout, acc, scale),
+            _take(q_dot, group.queries, layout, acc, scale),
+        )
+        o = _take(out, group.queries, layout, acc)
+        kc = vc = kc_dot = vc_dot = None
+        if causal:
+            kc, vc = _take(k, group.keys, layout, acc), _take(v, group.keys, layout, acc)
+            kc_dot, vc_dot = _take(k_dot, group.keys, layout, acc), _take(v_dot, group.keys, layout, acc)
+        g_chunks, g = _forward_states(kc, kc, g)
+        gq = qc @ g_chunks
+        del g_chunks
+        g_dot_chunks, g_dot = _forward_states(kc, kc_dot, g_dot)
+        # P_i = q_i^T G_i qd_i + q_i^T Gd_i q_i over earlier keys
+        p = _rowdot(gq, qc_dot) + _rowdot(qc @ g_dot_chunks, qc)
+        del g_dot_chunks
+        h_vdot_chunks, h_vdot = _forward_states(kc, vc_dot, h_vdot)
+        ud = qc @ h_vdot_chunks
+        del h_vdot_chunks
+        if exact:
+            h_chunks, h = _forward_states(kc, vc, h)
+            ud += qc_dot @ h_chunks
+            del h_chunks
+            h_kdot_chunks, h_kdot = _forward_states(kc_dot, vc, h_kdot)
+            ud += qc @ h_kdot_chunks
+            del h_kdot_chunks
+        s = None
+        if causal:
+            s = _diagonal_scores(qc, kc)
+            s_dot = _diagonal_scores(qc_dot, kc).add_(_diagonal_scores(qc, kc_dot))
+            p += (s * s_dot).sum(-1, keepdim=True)
+            ud += s @ vc_dot
+            if exact:
+                ud += s_dot @ vc
+            del s_dot
+        r = _score_norm(qc, gq, s)
+        _put(od, group.queries, ud.div_(1 + r).sub_(_norm_term_coefficient(r, exact) * p * o), group.length)
+    return od
+
+
+class BetaLinearAttention(torch.autograd.Function):
+    """Chunked linear-time beta attention with the hand-derived VJP and JVP of MATH.md section 4.
+
+    Saves only the inputs and the output: the row statistics ``r_i`` are recomputed in the
+    backward and JVP from ``G q``, which both need anyway.
+    """
+
+    @staticmethod
+    def forward(
+        q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, grad: str, chunk_size: int
+    ) -> Tensor:
+        return _forward(q, k, v, scale, causal, chunk_size).to(q.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, causal, grad, chunk_size = inputs
+        ctx.save_for_backward(q, k, v, output)
+        ctx.save_for_forward(q, k, v, output)
+        ctx.options = (scale, causal, grad, chunk_size)
+
+    @staticmethod
+    @once_differentiable  # the hand-derived backward is not itself differentiated
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out = ctx.saved_tensors
+        grads = _backward(q, k, v, out, grad_out, *ctx.options)
+        dq, dk, dv = (
+            d.to(x.dtype) if needed else None
+            for d, x, needed in zip(grads, (q, k, v), ctx.needs_input_grad[:3], strict=True)
+        )
+        return dq, dk, dv, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, q_dot: Tensor | None, k_dot: Tensor | None, v_dot: Tensor | None, *_):
+        q, k, v, out = ctx.saved_tensors
+        # an input without a tangent contributes nothing
+        q_dot, k_dot, v_dot = (
+            torch.zeros_like(x) if t is None else t for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))
+        )
+        return _jvp(q, k, v, out, q_dot, k_dot, v_dot, *ctx.options).to(q.dtype)
+
+
+def beta_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    normalizer: Normalizer,
+    causal: bool,
+    scale: float,
+    grad: str,
+    chunk_size: int = CHUNK_SIZE,
+) -> Tensor:
+    """beta attention in ``O(T d^2)`` time and ``O(T d + d^2)`` memory per head (MATH.md section 4).
+
+    Same contract as every attention implementation: validated ``q (B, H, Tq, d)``, ``k (B, H, Tk, d)``,
+    ``v (B, H, Tk, dv)``, ``grad`` ``"exact"`` or ``"seed"``; returns ``(B, H, Tq, dv)`` in the input
+    dtype, computed in float32 for half-precision inputs. ``normalizer`` is beta. ``chunk_size`` is
+    the number of positions the quadratic form covers between state updates; any positive value
+    gives the same result up to rounding.
+    """
+    del normalizer  # the dispatcher sends only the linear-time normalizer (beta) here
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return BetaLinearAttention.apply(q, k, v, scale, causal, grad, chunk_size)
