@@ -111,6 +111,17 @@ def beta_decode(
         causal beta attention over the whole sequence so far, and ``new_state`` includes the token.
     """
     scale_value = _check_decode_inputs(q_t, k_t, v_t, state, scale)
+    # The fused kernel has no autograd: it serves inference on CUDA, everything else takes torch ops.
+    tensors = (q_t, k_t, v_t, state.H, state.G)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    if q_t.is_cuda and not needs_grad:
+        from ...functional import triton_usable
+
+        if triton_usable(q_t):
+            from .triton_decode import beta_decode_triton
+
+            out, h, g = beta_decode_triton(q_t, k_t, v_t, state.H, state.G, scale_value)
+            return out, BetaState(H=h, G=g, tokens_seen=state.tokens_seen + 1)
     acc = state.H.dtype
     q, k, v = scale_value * q_t.to(acc), k_t.to(acc), v_t.to(acc)
     h = state.H + outer_sum(k, v)  # [B, H, 1, d]^T @ [B, H, 1, dv] -> [B, H, d, dv]
