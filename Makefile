@@ -31,7 +31,7 @@ bench: install
 	$(BIN)/normattn bench --device cpu
 
 compare: install
-	$(BIN)/normattn compare --preset shakespeare-char-cpu
+	$(BIN)/normattn compare --preset shakespeare-char-cpu --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
