@@ -71,7 +71,7 @@ def _forward(normalizer: Normalizer, q: Tensor, k: Tensor, v: Tensor, causal: bo
             acc[..., r0:r1, :] *= rescale[..., None]
             psi_sum[..., r0:r1] *= rescale
             shift[..., r0:r1] = m_new
-            x = s - m_safe[..., None]
+            x = visible_s - m_safe[..., None]
         else:
             x = s
         phi = _masked(normalizer.phi(x), mask)
@@ -83,9 +83,13 @@ def _forward(normalizer: Normalizer, q: Tensor, k: Tensor, v: Tensor, causal: bo
     return out, shift, psi_sum
 
 
-def _tile_x(normalizer: Normalizer, q: Tensor, k: Tensor, shift: Tensor, scale: float) -> Tensor:
+def _tile_x(normalizer: Normalizer, q: Tensor, k: Tensor, shift: Tensor, scale: float, mask) -> Tensor:
     s = _block_scores(q, k, scale)
-    return s - shift[..., None] if normalizer.shifted else s
+    if not normalizer.shifted:
+        return s
+    # Masked scores may lie far above the row's shift: exp would overflow to inf, and inf * 0 = NaN.
+    x = s - shift[..., None]
+    return x if mask is None else x.masked_fill(~mask, float("-inf"))
 
 
 def _backward(normalizer, grad_mode, q, k, v, out, shift, psi_sum, g, causal, scale):
@@ -101,7 +105,7 @@ def _backward(normalizer, grad_mode, q, k, v, out, shift, psi_sum, g, causal, sc
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for r0, r1, k0, k1, mask in _tiles(t_q, t_k, causal, q.device):
         q_r, k_b, v_b, g_r = q[..., r0:r1, :], k[..., k0:k1, :], v[..., k0:k1, :], g[..., r0:r1, :]
-        x = _tile_x(normalizer, q_r, k_b, shift[..., r0:r1], scale)
+        x = _tile_x(normalizer, q_r, k_b, shift[..., r0:r1], scale, mask)
         inv_r, coef_r = inv_norm[..., r0:r1, None], coef[..., r0:r1, None]
         phi = normalizer.phi(x)
         dv[..., k0:k1, :] += _masked(phi * inv_r, mask).transpose(-2, -1) @ g_r  # [BK, R] @ [R, dv]
@@ -125,7 +129,7 @@ def _jvp(normalizer, grad_mode, q, k, v, out, shift, psi_sum, qd, kd, vd, causal
     phi_vd = torch.zeros_like(out)  # sum_j phi(x_ij) vd_j
     for r0, r1, k0, k1, mask in _tiles(t_q, t_k, causal, q.device):
         q_r, k_b = q[..., r0:r1, :], k[..., k0:k1, :]
-        x = _tile_x(normalizer, q_r, k_b, shift[..., r0:r1], scale)
+        x = _tile_x(normalizer, q_r, k_b, shift[..., r0:r1], scale, mask)
         phi = normalizer.phi(x)
         if qd is not None or kd is not None:
             sd = 0.0
