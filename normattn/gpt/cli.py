@@ -78,13 +78,10 @@ def _sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(argv: list[str]) -> int:
-    from .train import RunOptions, train
+def _run_options(args, out: Path):
+    from .train import RunOptions
 
-    args = _train_parser().parse_args(argv)
-    model_config, train_config = build_configs(args.preset, args.attention, _overrides(args))
-    out = Path(args.out) if args.out else Path("runs") / args.preset / model_config.attention
-    options = RunOptions(
+    return RunOptions(
         out=out,
         preset=args.preset,
         data=args.data,
@@ -93,6 +90,15 @@ def _train(argv: list[str]) -> int:
         overwrite=args.overwrite,
         progress=args.progress,
     )
+
+
+def _train(argv: list[str]) -> int:
+    from .train import train
+
+    args = _train_parser().parse_args(argv)
+    model_config, train_config = build_configs(args.preset, args.attention, _overrides(args))
+    out = Path(args.out) if args.out else Path("runs") / args.preset / model_config.attention
+    options = _run_options(args, out)
     result = train(model_config, train_config, options)
     s = result.summary
     if args.progress and s:
@@ -105,20 +111,11 @@ def _train(argv: list[str]) -> int:
 
 def _compare(argv: list[str]) -> int:
     from .compare import compare
-    from .train import RunOptions
 
     args = _compare_parser().parse_args(argv)
     attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
     out = Path(args.out) if args.out else Path("runs") / f"compare-{args.preset}"
-    options = RunOptions(
-        out=out,
-        preset=args.preset,
-        data=args.data,
-        device=args.device,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=args.progress,
-    )
+    options = _run_options(args, out)
     command = "normattn compare " + shlex.join(argv)
     text = compare(args.preset, attentions, _overrides(args), options, command=command.strip())
     print(text)

@@ -34,6 +34,16 @@ def gather_at_argmax(tangent: Tensor, indices: Tensor, layout: RowLayout) -> Ten
     return picked.reshape(layout.out_shape)
 
 
+def save_argmax_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    """``setup_context`` shared by the max-reduce Functions: keep the layout and the argmax."""
+    x, dims, keepdim = inputs
+    _, indices = output
+    ctx.layout = row_layout(tuple(x.shape), dims, keepdim)
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(indices)
+    ctx.save_for_forward(indices)
+
+
 class MaxReduceFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -47,14 +57,7 @@ class MaxReduceFunction(torch.autograd.Function):
         values = rows.gather(1, indices)
         return values.reshape(layout.out_shape), indices.reshape(layout.out_shape)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        x, dims, keepdim = inputs
-        _, indices = output
-        ctx.layout = row_layout(tuple(x.shape), dims, keepdim)
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(indices)
-        ctx.save_for_forward(indices)
+    setup_context = staticmethod(save_argmax_context)
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor, _grad_indices: Tensor | None) -> tuple:

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..rows import RowLayout, from_rows, row_layout, to_rows
-from .autograd import gather_at_argmax
+from .autograd import gather_at_argmax, save_argmax_context
 
 # Column sentinel: larger than any real column, so a min over columns ignores it.
 NO_COLUMN = tl.constexpr(2**31 - 1)
@@ -214,14 +214,7 @@ class MaxReduceTritonFunction(torch.autograd.Function):
         values, indices = max_reduce_rows_fwd(to_rows(x, layout))
         return values.reshape(layout.out_shape), indices.reshape(layout.out_shape)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-        x, dims, keepdim = inputs
-        _, indices = output
-        ctx.layout = row_layout(tuple(x.shape), dims, keepdim)
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(indices)
-        ctx.save_for_forward(indices)
+    setup_context = staticmethod(save_argmax_context)
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor, _grad_indices: Tensor | None) -> tuple:
