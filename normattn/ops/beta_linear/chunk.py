@@ -37,10 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ...normalizers import Normalizer
-from ..common import accumulation_dtype
+from ..common import GRADIENT, accumulation_dtype, composition_error, not_differentiable
 
 CHUNK_SIZE = 64
 # Positions handled by one vectorized step; bounds the per-chunk temporaries, not the result.
@@ -367,12 +366,15 @@ class BetaLinearAttention(torch.autograd.Function):
         ctx.options = (scale, causal, grad, chunk_size)
 
     @staticmethod
-    @once_differentiable  # the hand-derived backward is not itself differentiated
     def backward(ctx, grad_out: Tensor):
         q, k, v, out = ctx.saved_tensors
         grads = _backward(q, k, v, out, grad_out, *ctx.options)
+        # A pure function of (q, k, v, out, grad_out) in torch ops: forward mode through it (a JVP
+        # of the gradient) is exact, since out carries its own tangent. Its reverse-mode graph
+        # holds in-place state updates that are not: double backward raises.
+        message = composition_error("torch", "beta", GRADIENT + " in reverse mode")
         dq, dk, dv = (
-            d.to(x.dtype) if needed else None
+            not_differentiable(d.to(x.dtype), message, q, k, v, grad_out, forward=False) if needed else None
             for d, x, needed in zip(grads, (q, k, v), ctx.needs_input_grad[:3], strict=True)
         )
         return dq, dk, dv, None, None, None, None
@@ -384,7 +386,11 @@ class BetaLinearAttention(torch.autograd.Function):
         q_dot, k_dot, v_dot = (
             torch.zeros_like(x) if t is None else t for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))
         )
-        return _jvp(q, k, v, out, q_dot, k_dot, v_dot, *ctx.options).to(q.dtype)
+        out_dot = _jvp(q, k, v, out, q_dot, k_dot, v_dot, *ctx.options).to(q.dtype)
+        # Reverse mode through these torch ops is exact (a loss on the tangent output); forward
+        # mode (a JVP of a JVP) is not.
+        message = composition_error("torch", "beta", "a JVP of its JVP")
+        return not_differentiable(out_dot, message, q, k, v, q_dot, k_dot, v_dot, reverse=False)
 
 
 def beta_linear_attention(

@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...normalizers import Normalizer
-from ..common import accumulation_dtype
+from ..common import GRADIENT, TANGENT_OUTPUT, accumulation_dtype, composition_error
 
 # Tile sizes. One chunk of BT positions is one diagonal score tile; head dims are tiled by BK/BV
 # (at most these caps, at least 16 for tl.dot), so d up to 256 costs loops, not registers. The
@@ -894,6 +894,9 @@ def _jvp(
 # ----------------------------------------------------------------------------------------------
 
 
+_NOT_AGAIN = composition_error("triton-linear", "beta", f"{TANGENT_OUTPUT}, or {GRADIENT}")
+
+
 class _KernelCall(torch.autograd.Function):
     """Runs a kernel launcher as the forward of a Function of its own.
 
@@ -912,11 +915,11 @@ class _KernelCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError("the Triton beta kernels' backward and JVP are not differentiable again")
+        raise NotImplementedError(_NOT_AGAIN)
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise NotImplementedError("the Triton beta kernels' backward and JVP are not differentiable again")
+        raise NotImplementedError(_NOT_AGAIN)
 
 
 class _BetaLinearTriton(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...normalizers import Normalizer
-from ..common import accumulation_dtype
+from ..common import GRADIENT, TANGENT_OUTPUT, accumulation_dtype, composition_error, not_differentiable
 
 QUERY_BLOCK = 1024
 KEY_BLOCK = 512
@@ -184,7 +184,14 @@ class BlockwiseAttention(torch.autograd.Function):
             normalizer, grad_mode, q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype),
             out, shift, psi_sum, grad_out.to(acc_dtype), causal, scale,
         )  # fmt: skip
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        # The formulas treat the saved row statistics as constants: right for one derivative,
+        # wrong for a derivative of this one, which must raise instead.
+        message = composition_error("torch", normalizer.name, GRADIENT)
+        dq, dk, dv = (
+            not_differentiable(d.to(x.dtype), message, q, k, v, grad_out)
+            for d, x in ((dq, q), (dk, k), (dv, v))
+        )
+        return dq, dk, dv, None, None, None, None
 
     @staticmethod
     def jvp(ctx, qd, kd, vd, *_):
@@ -196,7 +203,9 @@ class BlockwiseAttention(torch.autograd.Function):
             normalizer, grad_mode, cast(q), cast(k), cast(v), out, shift, psi_sum,
             cast(qd), cast(kd), cast(vd), causal, scale,
         )  # fmt: skip
-        return out_dot.to(q.dtype), None, None, None
+        message = composition_error("torch", normalizer.name, TANGENT_OUTPUT)
+        out_dot = not_differentiable(out_dot.to(q.dtype), message, q, k, v, qd, kd, vd)
+        return out_dot, None, None, None
 
 
 def flash_attention_blockwise(

@@ -38,10 +38,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ...normalizers import Normalizer
-from ..common import accumulation_dtype
+from ..common import GRADIENT, TANGENT_OUTPUT, accumulation_dtype, composition_error, not_differentiable
 
 __all__ = ["flash_attention_triton", "flash_forward", "flash_backward", "FlashAttentionTriton"]
 
@@ -932,10 +931,12 @@ class FlashAttentionTriton(torch.autograd.Function):
         ctx.config = (softmax, causal, scale, seed)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do: Tensor, _dstat: Tensor | None):
         q, k, v, o, stat = ctx.saved_tensors
-        dq, dk, dv = library.flash_attention_backward(do, q, k, v, o, stat, *ctx.config)
+        with torch.no_grad():  # the kernels have no derivative of their own: see not_differentiable
+            dq, dk, dv = library.flash_attention_backward(do, q, k, v, o, stat, *ctx.config)
+        message = composition_error("triton", _normalizer_name(ctx.config[0]), GRADIENT)
+        dq, dk, dv = (not_differentiable(d, message, q, k, v, do) for d in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None
 
     @staticmethod
@@ -946,7 +947,12 @@ class FlashAttentionTriton(torch.autograd.Function):
         # first order only, like the backward: the kernels have no derivative of their own
         with torch.no_grad():
             od = library.flash_attention_jvp(q, k, v, qd, kd, vd, *ctx.config)
-        return od, None
+        message = composition_error("triton", _normalizer_name(ctx.config[0]), TANGENT_OUTPUT)
+        return not_differentiable(od, message, q, k, v, qd, kd, vd), None
+
+
+def _normalizer_name(softmax: bool) -> str:
+    return "softmax" if softmax else "beta"
 
 
 def _interpreting() -> bool:
