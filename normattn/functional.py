@@ -1,75 +1,22 @@
-"""Public API: validate once, then dispatch to an implementation.
-
-Every implementation takes validated tensors and keyword arguments
-``(q, k, v, *, normalizer, causal, scale, grad)`` and returns ``(B, H, Tq, dv)`` in the input dtype.
-"""
+"""Public API: validate once, describe the call as a ``Problem``, let ``dispatch`` compute it."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from . import _checks
-from .normalizers import Normalizer, get_normalizer
+from . import _checks, dispatch
+from .dispatch import ATTENTION_BACKENDS
+from .normalizers import BETA, Normalizer, get_normalizer
+from .ops.attention.problem import Problem, draw_seed
 from .ops.common import warn_seed_once
 
-ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "triton-linear")
 MAX_REDUCE_BACKENDS = ("auto", "reference", "torch", "triton")
 GRAD_MODES = ("exact", "seed")
 
-
-def triton_usable(x: Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _require_triton(backend: str, x: Tensor) -> None:
-    if not triton_usable(x):
-        raise ValueError(
-            f'backend="{backend}" needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU '
-            f"tensors); got a tensor on {x.device}"
-            + ("" if os.environ.get("TRITON_INTERPRET") == "1" else " without TRITON_INTERPRET=1")
-        )
-
-
-def _attention_impl(backend: str, normalizer: Normalizer, q: Tensor) -> Callable[..., Tensor]:
-    if backend == "auto":
-        from .ops.dispatch import auto_attention_backend
-
-        backend = auto_attention_backend(normalizer, q)
-    if backend == "reference":
-        from .reference import attention_reference
-
-        return attention_reference
-    if backend == "torch":
-        if normalizer.linear_time:
-            from .ops.beta_linear.chunk import beta_linear_attention
-
-            return beta_linear_attention
-        from .ops.flash.blockwise import flash_attention_blockwise
-
-        return flash_attention_blockwise
-    if backend == "triton":
-        _require_triton(backend, q)
-        from .ops.flash.triton import flash_attention_triton
-
-        return flash_attention_triton
-    # backend == "triton-linear"
-    if not normalizer.linear_time:
-        raise ValueError(
-            f'backend="triton-linear" computes beta attention only, got normalizer="{normalizer.name}"'
-        )
-    _require_triton(backend, q)
-    from .ops.beta_linear.triton_chunk import beta_linear_attention_triton
-
-    return beta_linear_attention_triton
+__all__ = ["attention", "max_reduce", "MaxReduceResult", "ATTENTION_BACKENDS", "GRAD_MODES"]
 
 
 def attention(
@@ -79,40 +26,74 @@ def attention(
     *,
     normalizer: str | Normalizer = "softmax",
     causal: bool = False,
+    attn_mask: Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    enable_gqa: bool = False,
     scale: float | None = None,
+    sinks: Tensor | None = None,
     grad: str = "exact",
     backend: str = "auto",
 ) -> Tensor:
-    """Attention ``O = w(scale * q k^T) v`` with a row normalizer ``w`` (MATH.md section 3).
+    """Attention ``O = w(scale * q k^T) v`` with a row normalizer ``w`` (docs/math.md).
 
     Args:
-        q: ``(B, H, Tq, d)``; k: ``(B, H, Tk, d)``; v: ``(B, H, Tk, dv)``, one float dtype and device.
-        normalizer: ``"softmax"`` or ``"beta"`` (``beta(x) = x / (1 + ||x||)`` row-wise).
-        causal: mask keys after the query, aligned bottom-right when ``Tq != Tk``; a query row
-            with no visible key returns zeros and gets zero gradients.
+        q: ``(B, H, Tq, d)``; k: ``(B, H_kv, Tk, d)``; v: ``(B, H_kv, Tk, dv)``; one float dtype and
+            device. ``H_kv = H`` unless ``enable_gqa``.
+        normalizer: ``"softmax"``, ``"beta"`` (``beta(x) = x / (1 + ||x||)`` row-wise), ``"sigmoid"``
+            (``sigmoid(s - log Tk)``, no normalization), ``"softpick"`` (``relu(exp(s) - 1) /
+            (sum |exp(s) - 1| + 1e-6)``), or a :class:`normattn.Normalizer` (e.g.
+            ``normattn.normalizers.sigmoid(bias=-2.0)``).
+        causal: query ``i`` sees keys up to ``i + Tk - Tq`` (bottom-right alignment, as
+            FlashAttention). A query row with no visible key returns 0 and gets zero gradients.
+        attn_mask: a ``torch.bool`` tensor broadcastable to ``(B, H, Tq, Tk)``, ``True`` = may attend
+            (SDPA's convention); combined with ``causal`` and ``window`` by AND. Never expanded in memory.
+        window: ``(left, right)``, ints >= 0 or None (unbounded): query ``i`` sees key ``j`` iff
+            ``i + off - left <= j <= i + off + right`` with ``off = Tk - Tq``. ``causal=True,
+            window=(w, None)`` is the usual causal sliding window.
+        dropout_p: inverted dropout on the normalized weights (before they multiply ``v``), as
+            ``F.dropout`` on nanoGPT's attention matrix. Its bits are a hash of one seed drawn from
+            ``generator`` per call, regenerated by the backward and JVP: the same generator state
+            gives the same result, on every backend (docs/math.md, "Dropout").
+        generator: a ``torch.Generator`` on the inputs' device, or None for the default one.
+        enable_gqa: grouped-query attention: query head ``h`` uses key/value head ``h // (H / H_kv)``.
         scale: score scale, ``1/sqrt(d)`` when None.
-        grad: ``"exact"``, or ``"seed"`` for beta only: the second note's shortcut derivative,
-            which is not the true derivative (MATH.md section 5); it warns once.
-        backend: ``"auto"``, ``"reference"`` (materialized, autograd), ``"torch"`` (hand-derived
-            backward and JVP; blockwise online softmax, linear-time chunked beta), ``"triton"``
-            (fused flash kernels) or ``"triton-linear"`` (chunked linear-time beta kernels).
+        sinks: ``(H,)`` per-head sink logits, softmax only: ``w_ij = exp(s_ij) / (exp(sinks_h) +
+            sum_j exp(s_ij))``; ``torch.zeros(H)`` is the off-by-one softmax. Differentiable.
+        grad: ``"exact"``, or ``"seed"`` for beta only: the beta-attention write-up's shortcut
+            derivative, which is not the true derivative (docs/math.md); it warns once.
+        backend: ``"auto"``, ``"reference"`` (materialized, plain autograd), ``"torch"`` (hand-derived
+            derivatives; blockwise tiles, linear-time chunks for beta where the call allows),
+            ``"triton"`` (fused flash kernels) or ``"triton-linear"`` (chunked linear-time beta).
 
     Returns:
-        ``(B, H, Tq, dv)`` in the dtype of the inputs. Backward and forward-mode AD
-        (``torch.func.jvp``, ``torch.autograd.forward_ad``) use the hand-derived formulas.
+        ``(B, H, Tq, dv)`` in the inputs' dtype. Backward, forward mode (``torch.func.jvp``,
+        ``torch.autograd.forward_ad``), gradients through a JVP's tangent output, double backward,
+        forward mode through the backward, and ``torch.func.vmap`` of all of these work on every
+        backend; a third derivative raises a clear error.
     """
-    scale_value = _checks.attention_inputs(q, k, v, scale)
+    scale_value = _checks.attention_inputs(q, k, v, scale, _checks.boolean("enable_gqa", enable_gqa))
     spec = get_normalizer(normalizer)
     _checks.choice("grad", grad, GRAD_MODES)
     _checks.choice("backend", backend, ATTENTION_BACKENDS)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _checks.boolean("causal", causal)
+    left, right = _checks.window(window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    mask = _checks.attn_mask(attn_mask, q, k)
+    p = _checks.dropout(dropout_p, generator, q)
+    head_sinks = _checks.sinks(sinks, spec.sinks, spec.name, q)
     if grad == "seed":
-        if spec.name != "beta":
+        if spec != BETA:
             raise ValueError(f'grad="seed" is defined for normalizer="beta" only, got "{spec.name}"')
         warn_seed_once()
-    impl = _attention_impl(backend, spec, q)
-    return impl(q, k, v, normalizer=spec, causal=causal, scale=scale_value, grad=grad)
+    problem = Problem(spec, scale_value, spec.resolve(k.shape[-2]), left, right, p, grad)
+    chosen = dispatch.choose(backend, problem, q, mask, head_sinks)
+    seed = draw_seed(generator, q.device) if p > 0 else None
+    # one logit per query head, seen by every batch entry: a stride-0 view, summed by autograd
+    batch_sinks = None if head_sinks is None else head_sinks.expand(q.shape[0], -1)
+    return dispatch.run(chosen, problem, q, k, v, batch_sinks, mask, seed)
 
 
 class MaxReduceResult(NamedTuple):
@@ -123,7 +104,7 @@ class MaxReduceResult(NamedTuple):
 def max_reduce(
     x: Tensor, dim: int | tuple[int, ...] = -1, keepdim: bool = False, backend: str = "auto"
 ) -> MaxReduceResult:
-    """Max over one or several axes, with the argmax, differentiable (MATH.md section 1).
+    """Max over one or several axes, with the argmax, differentiable (docs/math.md).
 
     ``indices`` is the flat row-major index into the reduced axes. The backward sends the whole
     gradient of each output to its argmax; on ties the first index (row-major) gets all of it,
@@ -133,16 +114,13 @@ def max_reduce(
     _checks.float_tensor("x", x)
     dims = _checks.reduce_dims(dim, x.dim(), x.shape)
     _checks.choice("backend", backend, MAX_REDUCE_BACKENDS)
-    if not isinstance(keepdim, bool):
-        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and triton_usable(x) else "torch"
+    _checks.boolean("keepdim", keepdim)
+    backend = dispatch.max_reduce_backend(backend, x)
     if backend == "reference":
         from .ops.max_reduce.naive import max_reduce_reference as impl
     elif backend == "torch":
         from .ops.max_reduce.autograd import max_reduce_torch as impl
     else:
-        _require_triton(backend, x)
         from .ops.max_reduce.triton import max_reduce_triton as impl
     values, indices = impl(x, dims, keepdim)
     return MaxReduceResult(values, indices)

@@ -3,7 +3,7 @@
 ``Attention`` is nanoGPT's causal self-attention with the fused score-normalize-weigh step replaced
 by ``normattn.attention``: one fused ``q, k, v`` projection, any normalizer, one output projection.
 It also decodes one token at a time: a growing key/value cache for softmax, and for beta the
-constant-size ``(H, G)`` state of MATH.md section 4 (``beta_prefill`` / ``beta_decode``).
+constant-size ``(H, G)`` state of docs/math.md, section 9 (``beta_prefill`` / ``beta_decode``).
 """
 
 from __future__ import annotations

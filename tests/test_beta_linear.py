@@ -1,4 +1,4 @@
-"""Linear-time beta attention (MATH.md section 4): chunked torch path, recurrent reference, decoding.
+"""Linear-time beta attention (docs/math.md, section 9): chunked torch path, recurrent reference, decoding.
 
 Checked in float64 against the materialized autograd reference (which shares no code with the
 chunked algorithm except the mask) and the token-by-token recurrence; float32 and bfloat16 by
@@ -12,11 +12,12 @@ import torch
 
 import normattn
 from normattn import BETA
+from normattn.ops.attention.naive import attention_naive
+from normattn.ops.attention.problem import Problem
 from normattn.ops.beta_linear import chunk
 from normattn.ops.beta_linear.chunk import CHUNK_SIZE, beta_linear_attention
 from normattn.ops.beta_linear.naive import beta_attention_recurrent
 from normattn.ops.beta_linear.recurrent import BetaState, beta_decode, beta_prefill
-from normattn.reference import attention_reference
 
 F64 = {"rtol": 1e-10, "atol": 1e-10}
 DEFAULT_GROUP_SIZE = chunk.GROUP_SIZE
@@ -55,16 +56,17 @@ def make_inputs(
     return make(t_q, d), make(t_k, d), make(t_k, dv)
 
 
-def linear(q, k, v, *, causal, grad="exact", chunk_size=CHUNK_SIZE, scale=None):
+def beta_problem(q, *, causal, grad="exact", scale=None) -> Problem:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return beta_linear_attention(
-        q, k, v, normalizer=BETA, causal=causal, scale=scale, grad=grad, chunk_size=chunk_size
-    )
+    return Problem(BETA, scale, 0.0, left=None, right=0 if causal else None, grad=grad)
+
+
+def linear(q, k, v, *, causal, grad="exact", chunk_size=CHUNK_SIZE, scale=None):
+    return beta_linear_attention(beta_problem(q, causal=causal, grad=grad, scale=scale), q, k, v, chunk_size)
 
 
 def reference(q, k, v, *, causal, grad="exact", scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return attention_reference(q, k, v, normalizer=BETA, causal=causal, scale=scale, grad=grad)
+    return attention_naive(beta_problem(q, causal=causal, grad=grad, scale=scale), q, k, v)
 
 
 def vjp(fn, inputs, cotangent):
@@ -197,7 +199,7 @@ def test_gradcheck_full_jacobian(monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_seed_jvp_and_vjp_are_adjoint(causal):
-    """The seed's VJP is the adjoint of its JVP (MATH.md section 5): <J t, g> == <t, J^T g>."""
+    """The seed's VJP is the adjoint of its JVP (docs/math.md, section 10): <J t, g> == <t, J^T g>."""
     q, k, v = make_inputs(2, 2, 19, 23, 5, 6)
     fn = lambda q, k, v: linear(q, k, v, causal=causal, grad="seed", chunk_size=4)  # noqa: E731
     g = torch.randn(2, 2, 19, 6, dtype=torch.float64)
@@ -226,7 +228,7 @@ def test_forward_ad_dual_numbers():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_zero_score_rows(causal):
-    """q_i = 0 gives r_i = 0, where beta's derivative is the identity (MATH.md section 3):
+    """q_i = 0 gives r_i = 0, where beta's derivative is the identity (docs/math.md, section 4):
     O_i = 0, dq_i = c sum_j (g_i . v_j) k_j, Od_i = c sum_j (qd_i . k_j) v_j, with no NaN."""
     t, d = 20, 6
     c = d**-0.5

@@ -17,9 +17,25 @@ from torch.func import jvp
 
 import normattn
 from normattn.normalizers import BETA
+from normattn.ops.attention.naive import attention_naive
+from normattn.ops.attention.problem import Problem
 from normattn.ops.beta_linear.triton_chunk import beta_linear_attention_triton
 from normattn.ops.beta_linear.triton_decode import beta_decode_triton
-from normattn.reference import attention_reference
+
+
+def _problem(causal, scale, grad):
+    return Problem(BETA, scale, 0.0, left=None, right=0 if causal else None, grad=grad)
+
+
+def linear_triton(q, k, v, *, normalizer, causal, scale, grad, chunk_size=64):
+    assert normalizer is BETA
+    return beta_linear_attention_triton(_problem(causal, scale, grad), q, k, v, chunk_size)
+
+
+def attention_reference(q, k, v, *, normalizer, causal, scale, grad):
+    assert normalizer is BETA
+    return attention_naive(_problem(causal, scale, grad), q, k, v)
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max |error| relative to max |expected|
@@ -94,7 +110,7 @@ def _check_against_reference(case: Case, q, k, v) -> None:
     tangents = tuple(torch.randn_like(x) for x in (q, k, v))
 
     def kernel(q, k, v):
-        return beta_linear_attention_triton(
+        return linear_triton(
             q, k, v, normalizer=BETA, causal=case.causal, scale=scale, grad=case.grad, chunk_size=case.chunk
         )
 
@@ -120,7 +136,7 @@ def test_rows_without_keys_are_exactly_zero() -> None:
     ``out.sum()`` also sends a cotangent with zero strides through the backward kernels.
     """
     q, k, v = (x.to(DEVICE).requires_grad_() for x in _inputs(Case(40, 10, 24, 20, causal=True)))
-    out = beta_linear_attention_triton(q, k, v, normalizer=BETA, causal=True, scale=0.2, grad="exact")
+    out = linear_triton(q, k, v, normalizer=BETA, causal=True, scale=0.2, grad="exact")
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert out[:, :, :30].abs().max() == 0 and grads[0][:, :, :30].abs().max() == 0
     assert out[:, :, 30:].abs().min() > 0
@@ -130,7 +146,7 @@ def test_rows_without_keys_are_exactly_zero() -> None:
 
 
 def test_zero_queries_and_huge_scores() -> None:
-    """Rows with r = 0 (zero queries) take rho = 0 (MATH.md section 3); scores of 1e4 stay finite."""
+    """Rows with r = 0 (zero queries) take rho = 0 (docs/math.md, section 4); scores of 1e4 stay finite."""
     case = Case(63, 63, 24, 20, causal=True, chunk=32)
     q, k, v = _inputs(case)
     q[:, :, ::7] = 0
@@ -170,7 +186,7 @@ def test_gradcheck_float64() -> None:
     q, k, v = (x.to(DEVICE).requires_grad_() for x in _inputs(Case(5, 7, 3, 2, causal=True)))
 
     def fn(q, k, v):
-        return beta_linear_attention_triton(q, k, v, normalizer=BETA, causal=True, scale=0.7, grad="exact")
+        return linear_triton(q, k, v, normalizer=BETA, causal=True, scale=0.7, grad="exact")
 
     assert torch.autograd.gradcheck(fn, (q, k, v), check_forward_ad=True, fast_mode=True)
 
@@ -184,7 +200,7 @@ def test_torch_func_grad() -> None:
             fn(q, k, v, normalizer=BETA, causal=True, scale=0.3, grad="exact").square().sum()
         )
 
-    got = torch.func.grad(loss(beta_linear_attention_triton), argnums=(0, 1, 2))(q, k, v)
+    got = torch.func.grad(loss(linear_triton), argnums=(0, 1, 2))(q, k, v)
     want = torch.func.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         _assert_close(g.cpu(), w.cpu(), torch.float64, name)
@@ -198,9 +214,7 @@ def test_public_dispatch() -> None:
     with pytest.raises(ValueError, match="beta"):
         normattn.attention(q, k, v, normalizer="softmax", backend="triton-linear")
     with pytest.raises(ValueError, match="power of two"):
-        beta_linear_attention_triton(
-            q, k, v, normalizer=BETA, causal=True, scale=0.2, grad="exact", chunk_size=24
-        )
+        linear_triton(q, k, v, normalizer=BETA, causal=True, scale=0.2, grad="exact", chunk_size=24)
 
 
 @pytest.mark.parametrize("d, dv", [(24, 20), (80, 3)])

@@ -1,4 +1,4 @@
-"""Max reduction (MATH.md section 1) through ``normattn.max_reduce``: three backends, one contract.
+"""Max reduction (docs/math.md, section 2) through ``normattn.max_reduce``: three backends, one contract.
 
 Triton runs under the interpreter on CPU (conftest sets TRITON_INTERPRET=1 without CUDA), so the
 shapes here stay small. ``triton-small-tiles`` shrinks the kernels' tiles so the multi-tile paths
@@ -17,7 +17,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import jacfwd, jacrev, vjp, vmap
 
 import normattn
-from normattn import functional
+from normattn.ops.common import triton_usable
 
 BACKENDS = ("reference", "torch", "triton")
 # (shape, dim): rows of length 1, 7, 63, 257, 1000; several axes, non-adjacent, negative, all.
@@ -240,7 +240,7 @@ def test_jvp_is_the_tangent_at_the_argmax(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_full_jacobian_by_vmap_of_vjp_is_one_hot(backend):
-    """The multi-output loss O[s3]: all cotangents in one vmapped VJP call (MATH.md section 1)."""
+    """The multi-output loss O[s3]: all cotangents in one vmapped VJP call (docs/math.md, section 2)."""
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     dims = (0, 2)
     _, indices = normattn.max_reduce(x, dims, backend="reference")
@@ -286,7 +286,7 @@ def test_forward_under_vmap_and_second_derivatives(backend):
     assert torch.allclose(hessian, torch.autograd.functional.hessian(lambda t: loss(t, "reference"), x))
 
 
-# ----------------------------------------------------------------------------- MATH.md section 2
+# ----------------------------------------------------------------------------- docs/math.md, section 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -342,7 +342,7 @@ def test_bad_input_is_rejected_clearly(monkeypatch):
     with pytest.raises(TypeError, match="keepdim"):
         normattn.max_reduce(x, -1, keepdim=1)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not functional.triton_usable(x)
+    assert not triton_usable(x)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         normattn.max_reduce(x, -1, backend="triton")
 

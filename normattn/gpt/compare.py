@@ -101,7 +101,7 @@ def report(
         "*wall time* includes evaluation and checkpointing. *peak memory*: the CUDA allocator's peak on a "
         "GPU; on the CPU the process's peak resident memory during the run, torch itself included.",
         "",
-        f"*note*: the second note's final numbers (MATH.md section 6) for preset `{NOTE_PRESET}` "
+        f"*note*: the second note's final numbers (the beta-attention write-up) for preset `{NOTE_PRESET}` "
         f"({reference.model.n_layer} layers x {reference.model.n_head} heads x {reference.model.n_embd}, "
         f"context {reference.model.block_size}, {reference.train.max_iters} iterations on a GPU; "
         "its beta model was trained with exact autograd, our `beta`). "

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..functional import ATTENTION_BACKENDS
 
-# The names a run is known by: a normalizer and a gradient mode (MATH.md section 5 for "seed").
+# The names a run is known by: a normalizer and a gradient mode (docs/math.md, section 10 for "seed").
 ATTENTIONS: dict[str, tuple[str, str]] = {
     "softmax": ("softmax", "exact"),
     "beta": ("beta", "exact"),
@@ -124,7 +124,7 @@ class Preset:
     description: str
     model: GPTConfig
     train: TrainConfig
-    # The second note's numbers for this preset (MATH.md section 6): attention -> (train, val).
+    # The second note's numbers for this preset (the beta-attention write-up): attention -> (train, val).
     reference: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 

@@ -6,7 +6,7 @@ Initialisation follows nanoGPT: N(0, 0.02) everywhere, zero biases, and the proj
 residual stream (``c_proj``) scaled by ``1 / sqrt(2 n_layer)``.
 
 Generation decodes incrementally: a key/value cache per layer for softmax, the constant-size beta
-state (MATH.md section 4) for beta. Past ``block_size`` tokens the window slides, which moves every
+state (docs/math.md, section 9) for beta. Past ``block_size`` tokens the window slides, which moves every
 position embedding, so the state is rebuilt from the last ``block_size`` tokens each step: the tokens
 are the ones a full forward over that window gives.
 """

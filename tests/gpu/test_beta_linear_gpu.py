@@ -13,12 +13,9 @@ import pytest
 import torch
 from torch.func import jvp
 
-from normattn.normalizers import BETA
-from normattn.ops.beta_linear.chunk import beta_linear_attention
+import normattn
 from normattn.ops.beta_linear.recurrent import BetaState, beta_decode
-from normattn.ops.beta_linear.triton_chunk import beta_linear_attention_triton
 from normattn.ops.beta_linear.triton_decode import beta_decode_triton
-from normattn.reference import attention_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -42,8 +39,10 @@ def _passes(fn, q, k, v, cotangent, tangents):
     return [out, *grads, out_tangent]
 
 
-def _attend(impl, causal: bool, scale: float, grad: str):
-    return lambda q, k, v: impl(q, k, v, normalizer=BETA, causal=causal, scale=scale, grad=grad)
+def _attend(backend: str, causal: bool, scale: float, grad: str):
+    return lambda q, k, v: normattn.attention(
+        q, k, v, normalizer="beta", causal=causal, scale=scale, grad=grad, backend=backend
+    )
 
 
 @pytest.mark.parametrize("grad", ["exact", "seed"])
@@ -60,9 +59,9 @@ def test_half_precision_flash_rule(shape, dtype, grad):
     tangents = tuple(torch.randn_like(x).to(dtype).double() for x in (q, k, v))
     scale = 1 / math.sqrt(d)
 
-    exact = _passes(_attend(attention_reference, causal, scale, grad), q, k, v, cotangent, tangents)
-    plain = _passes(_attend(attention_reference, causal, scale, grad), *low, cotangent, tangents)
-    kernel = _passes(_attend(beta_linear_attention_triton, causal, scale, grad), *low, cotangent, tangents)
+    exact = _passes(_attend("reference", causal, scale, grad), q, k, v, cotangent, tangents)
+    plain = _passes(_attend("reference", causal, scale, grad), *low, cotangent, tangents)
+    kernel = _passes(_attend("triton-linear", causal, scale, grad), *low, cotangent, tangents)
     for name, factor, want, ref_low, got in zip(
         ("out", "dq", "dk", "dv", "jvp"), (2, 3, 3, 3, 3), exact, plain, kernel, strict=True
     ):
@@ -78,12 +77,10 @@ def test_float32_and_float64_match_reference(causal):
     q, k, v = (torch.randn(2, 3, 333, 96, device="cuda", dtype=torch.float64) for _ in range(3))
     cotangent = torch.randn_like(v)
     tangents = tuple(torch.randn_like(x) for x in (q, k, v))
-    want = _passes(_attend(attention_reference, causal, 0.1, "exact"), q, k, v, cotangent, tangents)
+    want = _passes(_attend("reference", causal, 0.1, "exact"), q, k, v, cotangent, tangents)
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
         inputs = [x.to(dtype) for x in (q, k, v)]
-        got = _passes(
-            _attend(beta_linear_attention_triton, causal, 0.1, "exact"), *inputs, cotangent, tangents
-        )
+        got = _passes(_attend("triton-linear", causal, 0.1, "exact"), *inputs, cotangent, tangents)
         for name, g, w in zip(("out", "dq", "dk", "dv", "jvp"), got, want, strict=True):
             scale = w.abs().max().item()
             # float64 on a GPU: Triton passes the scale as fp32, a 3e-8 relative rounding
@@ -99,9 +96,9 @@ def test_long_sequence_stays_finite(dtype):
     cotangent = torch.randn_like(v)
     tangents = tuple(torch.randn_like(x) for x in (q, k, v))
     scale = 1 / math.sqrt(d)
-    got = _passes(_attend(beta_linear_attention_triton, True, scale, "exact"), q, k, v, cotangent, tangents)
+    got = _passes(_attend("triton-linear", True, scale, "exact"), q, k, v, cotangent, tangents)
     want = _passes(
-        _attend(beta_linear_attention, True, scale, "exact"),
+        _attend("torch", True, scale, "exact"),
         *(x.float() for x in (q, k, v)),
         cotangent.float(),
         tuple(x.float() for x in tangents),

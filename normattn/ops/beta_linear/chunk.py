@@ -1,6 +1,6 @@
 """Linear-time exact beta attention in plain PyTorch: chunked forward, backward and JVP.
 
-beta attention (MATH.md sections 3-4) weighs row ``i`` of the scores as ``s_ij / (1 + r_i)`` with
+beta attention (docs/math.md, sections 4 and 9) weighs row ``i`` of the scores as ``s_ij / (1 + r_i)`` with
 ``r_i = ||s_i||``. The numerator is linear and ``r_i^2`` quadratic in the scores, so every sum over
 keys factors through the states ``H = sum_j k_j v_j^T`` (d x dv) and ``G = sum_j k_j k_j^T`` (d x d):
 
@@ -32,14 +32,16 @@ term of the gradient is ``O(r_i)`` in exact arithmetic and comes out at rounding
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...normalizers import Normalizer
-from ..common import GRADIENT, accumulation_dtype, composition_error, not_differentiable
+from ..attention.autograd import Kernels, attention_function
+from ..attention.problem import Problem
+from ..common import accumulation_dtype
 
 CHUNK_SIZE = 64
 # Positions handled by one vectorized step; bounds the per-chunk temporaries, not the result.
@@ -160,8 +162,8 @@ def _score_norm(q: Tensor, gq_earlier: Tensor, s: Tensor | None) -> Tensor:
 def _norm_term_coefficient(r: Tensor, exact: bool) -> Tensor:
     """``kappa`` with ``rho_i = D_i kappa_i`` (backward) and ``Od_i -= kappa_i (s_i . sd_i) O_i`` (JVP).
 
-    exact: ``1 / (N r)``; the seed shortcut (MATH.md section 5): ``-1 / (N r^2)``. Both are 0 at
-    ``r = 0``, where beta's derivative is the identity (MATH.md section 3).
+    exact: ``1 / (N r)``; the seed shortcut (docs/math.md, section 10): ``-1 / (N r^2)``. Both are 0 at
+    ``r = 0``, where beta's derivative is the identity (docs/math.md, section 4).
     """
     positive = r > 0
     safe = torch.where(positive, r, torch.ones_like(r))
@@ -207,7 +209,7 @@ def _backward(
     grad: str,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` in the accumulation dtype (MATH.md section 4).
+    """``(dq, dk, dv)`` in the accumulation dtype (docs/math.md, section 9).
 
     In score space (scale folded into ``q``) ``ds_ij = alpha_i (g_i . v_j) - rho_i s_ij`` with
     ``alpha_i = a_i = 1 / N_i`` when exact. The seed shortcut's ``ds_ij = D_i s_ij / (r_i^2 N_i)`` is
@@ -289,7 +291,7 @@ def _jvp(
     grad: str,
     chunk_size: int,
 ) -> Tensor:
-    """``Od_i = Ud_i / N_i - kappa_i P_i O_i`` with ``P_i = sum_j s_ij sd_ij`` (MATH.md sections 4-5).
+    """``Od_i = Ud_i / N_i - kappa_i P_i O_i`` with ``P_i = sum_j s_ij sd_ij`` (docs/math.md, sections 9-10).
 
     exact: ``Ud_i = sum_j (sd_ij v_j + s_ij vd_j)``; seed: ``Ud_i = sum_j s_ij vd_j``, and the
     ``O_i`` term changes sign and scale (see ``_norm_term_coefficient``). Carries ``G``,
@@ -345,74 +347,86 @@ def _jvp(
     return od
 
 
-class BetaLinearAttention(torch.autograd.Function):
-    """Chunked linear-time beta attention with the hand-derived VJP and JVP of MATH.md section 4.
+def _options(problem: Problem, chunk_size: int) -> tuple[float, bool, str, int]:
+    if problem.left is not None or problem.right not in (None, 0):
+        raise ValueError("the linear-time beta path computes full or causal attention only")
+    return problem.scale, problem.causal, problem.grad, chunk_size
 
-    Saves only the inputs and the output: the row statistics ``r_i`` are recomputed in the
-    backward and JVP from ``G q``, which both need anyway.
+
+def rows_placeholder(q: Tensor) -> Tensor:
+    """The row statistic this path does not keep (``r`` is recomputed from ``G q``): no memory."""
+    return q.new_zeros(()).expand(*q.shape[:3])
+
+
+def forward(problem: Problem, q, k, v, sinks, mask, seed, chunk_size: int = CHUNK_SIZE):
+    out = _forward(q, k, v, *_options(problem, chunk_size)[:2], chunk_size).to(q.dtype)
+    return out, rows_placeholder(q)
+
+
+def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out, chunk_size: int = CHUNK_SIZE):
+    grads = _backward(q, k, v, out, grad_out, *_options(problem, chunk_size))
+    return (*(d.to(x.dtype) for d, x in zip(grads, (q, k, v), strict=True)), None)
+
+
+def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot,
+        chunk_size: int = CHUNK_SIZE):  # fmt: skip
+    out_dot = _jvp(q, k, v, out, q_dot, k_dot, v_dot, *_options(problem, chunk_size)).to(q.dtype)
+    return out_dot, rows_placeholder(q)
+
+
+def tangent_backward(
+    problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot, out_dot, aux, h,
+    need_tangent: bool = True, chunk_size: int = CHUNK_SIZE,
+):  # fmt: skip
+    """The gradient of ``<h, Od>`` by forward mode through the hand-derived backward.
+
+    ``_backward(q, k, v, O, h)`` is a pure function of its inputs in torch ops (it recomputes the
+    row norms from ``G q``), and the gradient of ``<h, J(x) t>`` with respect to ``x`` is its
+    tangent along ``(t, Od)`` (docs/math.md, "Gradients through the JVP"); its value is ``J^T h``,
+    the gradient with respect to the tangents. One ``torch.func.jvp`` call gives both, in
+    ``O(T d^2)`` time and memory like the backward itself.
     """
+    options = _options(problem, chunk_size)
 
-    @staticmethod
-    def forward(
-        q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, grad: str, chunk_size: int
-    ) -> Tensor:
-        return _forward(q, k, v, scale, causal, chunk_size).to(q.dtype)
+    def vjp_of(q, k, v, out):
+        return _backward(q, k, v, out, h, *options)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale, causal, grad, chunk_size = inputs
-        ctx.save_for_backward(q, k, v, output)
-        ctx.save_for_forward(q, k, v, output)
-        ctx.options = (scale, causal, grad, chunk_size)
+    grads, grads_dot = torch.func.jvp(vjp_of, (q, k, v, out), (q_dot, k_dot, v_dot, out_dot))
+    primal = tuple(d.to(x.dtype) for d, x in zip(grads_dot, (q, k, v), strict=True))
+    tangent = (
+        tuple(d.to(x.dtype) for d, x in zip(grads, (q, k, v), strict=True)) if need_tangent else (None,) * 3
+    )
+    return (*primal, None, *tangent, None)
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, out = ctx.saved_tensors
-        grads = _backward(q, k, v, out, grad_out, *ctx.options)
-        # A pure function of (q, k, v, out, grad_out) in torch ops: forward mode through it (a JVP
-        # of the gradient) is exact, since out carries its own tangent. Its reverse-mode graph
-        # holds in-place state updates that are not: double backward raises.
-        message = composition_error("torch", "beta", GRADIENT + " in reverse mode")
-        dq, dk, dv = (
-            not_differentiable(d.to(x.dtype), message, q, k, v, grad_out, forward=False) if needed else None
-            for d, x, needed in zip(grads, (q, k, v), ctx.needs_input_grad[:3], strict=True)
-        )
-        return dq, dk, dv, None, None, None, None
 
-    @staticmethod
-    def jvp(ctx, q_dot: Tensor | None, k_dot: Tensor | None, v_dot: Tensor | None, *_):
-        q, k, v, out = ctx.saved_tensors
-        # an input without a tangent contributes nothing
-        q_dot, k_dot, v_dot = (
-            torch.zeros_like(x) if t is None else t for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))
-        )
-        out_dot = _jvp(q, k, v, out, q_dot, k_dot, v_dot, *ctx.options).to(q.dtype)
-        # Reverse mode through these torch ops is exact (a loss on the tangent output); forward
-        # mode (a JVP of a JVP) is not.
-        message = composition_error("torch", "beta", "a JVP of its JVP")
-        return not_differentiable(out_dot, message, q, k, v, q_dot, k_dot, v_dot, reverse=False)
+KERNELS = Kernels("torch", forward, backward, jvp, tangent_backward)
+
+
+def with_chunk_size(kernels: Kernels, chunk_size: int) -> Kernels:
+    """``kernels`` with every kernel's ``chunk_size`` fixed (the default ``CHUNK_SIZE`` otherwise)."""
+    if chunk_size == CHUNK_SIZE:
+        return kernels
+    fix = lambda fn: functools.partial(fn, chunk_size=chunk_size)  # noqa: E731
+    return Kernels(
+        kernels.backend,
+        fix(kernels.forward),
+        fix(kernels.backward),
+        fix(kernels.jvp),
+        fix(kernels.tangent_backward),
+    )
 
 
 def beta_linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    normalizer: Normalizer,
-    causal: bool,
-    scale: float,
-    grad: str,
-    chunk_size: int = CHUNK_SIZE,
+    problem: Problem, q: Tensor, k: Tensor, v: Tensor, chunk_size: int = CHUNK_SIZE
 ) -> Tensor:
-    """beta attention in ``O(T d^2)`` time and ``O(T d + d^2)`` memory per head (MATH.md section 4).
+    """beta attention in ``O(T d^2)`` time and ``O(T d + d^2)`` memory per head (docs/math.md).
 
-    Same contract as every attention implementation: validated ``q (B, H, Tq, d)``, ``k (B, H, Tk, d)``,
-    ``v (B, H, Tk, dv)``, ``grad`` ``"exact"`` or ``"seed"``; returns ``(B, H, Tq, dv)`` in the input
-    dtype, computed in float32 for half-precision inputs. ``normalizer`` is beta. ``chunk_size`` is
+    ``problem`` is beta (``grad`` "exact" or "seed") with a full or causal band; returns
+    ``(B, H, Tq, dv)`` in the input dtype, computed in float32 for half-precision inputs. Every
+    derivative composition of ``normattn.ops.attention.autograd`` is available. ``chunk_size`` is
     the number of positions the quadratic form covers between state updates; any positive value
     gives the same result up to rounding.
     """
-    del normalizer  # the dispatcher sends only the linear-time normalizer (beta) here
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return BetaLinearAttention.apply(q, k, v, scale, causal, grad, chunk_size)
+    return attention_function(with_chunk_size(KERNELS, chunk_size), problem, q, k, v, None, None, None)

@@ -1,7 +1,7 @@
 """Token-by-token recurrent beta attention: the plain reference for the chunked and decoding paths.
 
 Walks the keys one at a time, adding each to the states ``H = sum_j k_j v_j^T`` and
-``G = sum_j k_j k_j^T`` (MATH.md section 4), and reads a query out as soon as its last visible key
+``G = sum_j k_j k_j^T`` (docs/math.md, section 9), and reads a query out as soon as its last visible key
 is in: ``O_i = c H^T q_i / (1 + c sqrt(q_i^T G q_i))``. Slow (a Python loop over positions) and
 obviously right; it shares no code with ``chunk.py`` or ``recurrent.py`` so that agreement means
 something. Differentiable by autograd wherever ``r_i > 0``.

@@ -1,7 +1,7 @@
 """Causal beta attention as a recurrence: prefill a prompt, then decode with a constant-size state.
 
 Causal beta attention at position ``i`` needs only ``H_i = sum_{j<=i} k_j v_j^T`` and
-``G_i = sum_{j<=i} k_j k_j^T`` (MATH.md section 4). A decoder keeps ``(H, G)`` per head instead of a
+``G_i = sum_{j<=i} k_j k_j^T`` (docs/math.md, section 9). A decoder keeps ``(H, G)`` per head instead of a
 key/value cache that grows with the context: each new token costs ``O(d^2)`` time and the state is
 ``d (d + dv)`` numbers per head, whatever the number of tokens before it.
 """
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ... import _checks
 from ...normalizers import BETA
+from ..attention.problem import Problem
 from ..common import accumulation_dtype
 from .chunk import beta_linear_attention, outer_sum
 
@@ -52,7 +53,7 @@ def beta_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) ->
         ``Tk`` keys.
     """
     scale_value = _checks.attention_inputs(q, k, v, scale)
-    out = beta_linear_attention(q, k, v, normalizer=BETA, causal=True, scale=scale_value, grad="exact")
+    out = beta_linear_attention(Problem(BETA, scale_value, 0.0, left=None, right=0), q, k, v)
     acc = accumulation_dtype(q.dtype)
     keys, values = k.to(acc), v.to(acc)
     return out, BetaState(H=outer_sum(keys, values), G=outer_sum(keys, keys), tokens_seen=k.shape[-2])
@@ -95,6 +96,17 @@ def _check_decode_inputs(q_t: object, k_t: object, v_t: object, state: object, s
     return scale_value
 
 
+def _differentiated(tensors: tuple[Tensor, ...]) -> bool:
+    import torch.autograd.forward_ad as fwad
+
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return True
+    return any(
+        torch._C._functorch.is_functorch_wrapped_tensor(x) or fwad.unpack_dual(x).tangent is not None
+        for x in tensors
+    )
+
+
 def beta_decode(
     q_t: Tensor, k_t: Tensor, v_t: Tensor, state: BetaState, scale: float | None = None
 ) -> tuple[Tensor, BetaState]:
@@ -111,11 +123,11 @@ def beta_decode(
         causal beta attention over the whole sequence so far, and ``new_state`` includes the token.
     """
     scale_value = _check_decode_inputs(q_t, k_t, v_t, state, scale)
-    # The fused kernel has no autograd: it serves inference on CUDA, everything else takes torch ops.
+    # The fused kernel has no derivative: it serves plain inference on CUDA. Anything that will be
+    # differentiated (autograd, forward-mode duals, torch.func transforms) takes the torch ops.
     tensors = (q_t, k_t, v_t, state.H, state.G)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    if q_t.is_cuda and not needs_grad:
-        from ...functional import triton_usable
+    if q_t.is_cuda and not _differentiated(tensors):
+        from ..common import triton_usable
 
         if triton_usable(q_t):
             from .triton_decode import beta_decode_triton

@@ -1,4 +1,4 @@
-"""Chunked linear-time beta attention in Triton: forward, backward and JVP (MATH.md sections 3-5).
+"""Chunked linear-time beta attention in Triton: forward, backward and JVP (docs/math.md, sections 4-10).
 
 beta attention weighs row ``i`` of the scores as ``s_ij / (1 + r_i)``, ``r_i = ||s_i||``. Its numerator
 is linear and ``r_i^2`` quadratic in the scores, so every sum over keys factors through the states
@@ -43,8 +43,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...normalizers import Normalizer
-from ..common import GRADIENT, TANGENT_OUTPUT, accumulation_dtype, composition_error
+from ..attention.autograd import Kernels, attention_function
+from ..attention.problem import Problem
+from ..common import accumulation_dtype
+from ..triton_utils import block, dot_precision, load_tile, store_tile
+from . import chunk
 
 # Tile sizes. One chunk of BT positions is one diagonal score tile; head dims are tiled by BK/BV
 # (at most these caps, at least 16 for tl.dot), so d up to 256 costs loops, not registers. The
@@ -62,25 +65,6 @@ NUM_WARPS = 8
 # ----------------------------------------------------------------------------------------------
 # Triton helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_tile(ptr, rows, rows_ok, cols, cols_ok, stride_row, stride_col):
-    """A ``[len(rows), len(cols)]`` tile, zero outside the valid rows and columns."""
-    return tl.load(
-        ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
-        mask=rows_ok[:, None] & cols_ok[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _store_tile(ptr, value, rows, rows_ok, cols, cols_ok, stride_row, stride_col):
-    tl.store(
-        ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
-        value.to(ptr.dtype.element_ty),
-        mask=rows_ok[:, None] & cols_ok[None, :],
-    )
 
 
 @triton.jit
@@ -105,8 +89,8 @@ def _add_scores(
     for blk in range(N_BLOCKS):
         cols = blk * BLOCK + tl.arange(0, BLOCK)
         cols_ok = cols < dim
-        a = _load_tile(a_ptr, a_rows, a_ok, cols, cols_ok, stride_a_row, stride_a_col)
-        b = _load_tile(b_ptr, b_rows, b_ok, cols, cols_ok, stride_b_row, stride_b_col)
+        a = load_tile(a_ptr, a_rows, a_ok, cols, cols_ok, stride_a_row, stride_a_col)
+        b = load_tile(b_ptr, b_rows, b_ok, cols, cols_ok, stride_b_row, stride_b_col)
         # [BT, BLOCK] @ [BLOCK, BT] -> [BT, BT]
         acc += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
     return acc
@@ -134,8 +118,8 @@ def _add_rows_times_state(
     for blk in range(N_IN):
         idx = blk * BLOCK_IN + tl.arange(0, BLOCK_IN)
         idx_ok = idx < dim_in
-        x = _load_tile(x_ptr, rows, rows_ok, idx, idx_ok, stride_x_row, stride_x_col).to(acc.dtype)
-        state = _load_tile(state_ptr, idx, idx_ok, out_cols, out_ok, stride_state_in, stride_state_out)
+        x = load_tile(x_ptr, rows, rows_ok, idx, idx_ok, stride_x_row, stride_x_col).to(acc.dtype)
+        state = load_tile(state_ptr, idx, idx_ok, out_cols, out_ok, stride_state_in, stride_state_out)
         # [BT, BLOCK_IN] @ [BLOCK_IN, BLOCK_OUT] -> [BT, BLOCK_OUT]
         acc += tl.dot(x, state, input_precision=DOT_PRECISION)
     return acc
@@ -170,7 +154,7 @@ def _row_quadratic_form(
             state_ptr, stride_state, 1, cols, cols_ok,
             BK, NK, DOT_PRECISION,
         )  # fmt: skip
-        y = _load_tile(y_ptr, rows, rows_ok, cols, cols_ok, stride_y_row, stride_y_col).to(acc.dtype)
+        y = load_tile(y_ptr, rows, rows_ok, cols, cols_ok, stride_y_row, stride_y_col).to(acc.dtype)
         acc += tl.sum(x_state * y, 1)
     return acc
 
@@ -228,18 +212,18 @@ def _chunk_outer_kernel(
 
     a_base = a_ptr + batch * stride_a_b + head * stride_a_h
     x_base = x_ptr + batch * stride_x_b + head * stride_x_h
-    a = _load_tile(a_base, rows, rows_ok, a_cols, a_cols_ok, stride_a_t, stride_a_d).to(acc_dtype)
+    a = load_tile(a_base, rows, rows_ok, a_cols, a_cols_ok, stride_a_t, stride_a_d).to(acc_dtype)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + bh * t_rows + rows, mask=rows_ok, other=0.0)
         a = a * weight[:, None]
-    x = _load_tile(x_base, rows, rows_ok, x_cols, x_cols_ok, stride_x_t, stride_x_d).to(acc_dtype)
+    x = load_tile(x_base, rows, rows_ok, x_cols, x_cols_ok, stride_x_t, stride_x_d).to(acc_dtype)
     # [BA, BT] @ [BT, BX] -> [BA, BX]
     local = tl.dot(tl.trans(a), x, input_precision=DOT_PRECISION)
 
     out_base = out_ptr + bh * stride_out_bh + chunk * stride_out_chunk
     if ACCUMULATE:
-        local += _load_tile(out_base, a_cols, a_cols_ok, x_cols, x_cols_ok, stride_out_row, 1)
-    _store_tile(out_base, local, a_cols, a_cols_ok, x_cols, x_cols_ok, stride_out_row, 1)
+        local += load_tile(out_base, a_cols, a_cols_ok, x_cols, x_cols_ok, stride_out_row, 1)
+    store_tile(out_base, local, a_cols, a_cols_ok, x_cols, x_cols_ok, stride_out_row, 1)
 
 
 @triton.jit
@@ -351,10 +335,10 @@ def _beta_chunk_fwd_kernel(
         )  # fmt: skip
         out = out * out_scale[:, None]
         if CAUSAL:
-            v = _load_tile(v_base, k_rows, k_ok, v_cols, v_ok, stride_v_t, stride_v_d)
+            v = load_tile(v_base, k_rows, k_ok, v_cols, v_ok, stride_v_t, stride_v_d)
             # [BT, BT] @ [BT, BV] -> [BT, BV]
             out += tl.dot(weights.to(v.dtype), v, input_precision=DOT_PRECISION)
-        _store_tile(o_base, out, q_rows, q_ok, v_cols, v_ok, stride_o_t, stride_o_d)
+        store_tile(o_base, out, q_rows, q_ok, v_cols, v_ok, stride_o_t, stride_o_d)
 
 
 @triton.jit
@@ -499,14 +483,14 @@ def _beta_chunk_bwd_kernel(
                 BV, NV, DOT_PRECISION,
             )  # fmt: skip
         if CAUSAL:
-            k = _load_tile(k_base, k_rows, k_ok, k_cols, k_cols_ok, stride_k_t, stride_k_d)
-            q = _load_tile(q_base, q_rows, q_ok, k_cols, k_cols_ok, stride_q_t, stride_q_d)
+            k = load_tile(k_base, k_rows, k_ok, k_cols, k_cols_ok, stride_k_t, stride_k_d)
+            q = load_tile(q_base, q_rows, q_ok, k_cols, k_cols_ok, stride_q_t, stride_q_d)
             # [BT, BT] @ [BT, BK] -> [BT, BK], both ways round the diagonal tile
             dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(dscores).to(q.dtype), q, input_precision=DOT_PRECISION)
-        _store_tile(dq_ptr + batch * stride_dq_b + head * stride_dq_h, dq * scale,
+        store_tile(dq_ptr + batch * stride_dq_b + head * stride_dq_h, dq * scale,
                     q_rows, q_ok, k_cols, k_cols_ok, stride_dq_t, stride_dq_d)  # fmt: skip
-        _store_tile(dk_ptr + batch * stride_dk_b + head * stride_dk_h, dk * scale,
+        store_tile(dk_ptr + batch * stride_dk_b + head * stride_dk_h, dk * scale,
                     k_rows, k_ok, k_cols, k_cols_ok, stride_dk_t, stride_dk_d)  # fmt: skip
 
     for iv in range(NV):
@@ -520,10 +504,10 @@ def _beta_chunk_bwd_kernel(
             BK, NK, DOT_PRECISION,
         )  # fmt: skip
         if CAUSAL:
-            do = _load_tile(do_base, q_rows, q_ok, v_cols, v_cols_ok, stride_do_t, stride_do_d)
+            do = load_tile(do_base, q_rows, q_ok, v_cols, v_cols_ok, stride_do_t, stride_do_d)
             # [BT, BT]^T @ [BT, BV] -> [BT, BV]
             dv += tl.dot(tl.trans(probs).to(do.dtype), do, input_precision=DOT_PRECISION)
-        _store_tile(dv_ptr + batch * stride_dv_b + head * stride_dv_h, dv * scale,
+        store_tile(dv_ptr + batch * stride_dv_b + head * stride_dv_h, dv * scale,
                     k_rows, k_ok, v_cols, v_cols_ok, stride_dv_t, stride_dv_d)  # fmt: skip
 
 
@@ -594,7 +578,7 @@ def _beta_chunk_jvp_kernel(
     NV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """The tangent ``Od`` of one chunk of queries (MATH.md section 4; section 5 if SEED).
+    """The tangent ``Od`` of one chunk of queries (docs/math.md, section 9; section 5 if SEED).
 
     exact: ``Od = (c/N)(qd H + q Hd + sd V + s Vd) - O c^2 quad / (r N)``
     seed:  ``Od = (c/N)(q Hd + s Vd) + O c^2 quad / (r^2 N)``, ``Hd`` holding only ``k vd^T``
@@ -658,7 +642,7 @@ def _beta_chunk_jvp_kernel(
     safe_r = tl.where(positive, r, 1.0)
     out_scale = scale / (1.0 + r)
     # Coefficient of O: -c^2 quad / (r N) (exact) or c^2 quad / (r^2 N) (seed), divided by r in two
-    # steps so that a tiny r cannot overflow r^2; 0 at r = 0 (MATH.md section 3).
+    # steps so that a tiny r cannot overflow r^2; 0 at r = 0 (docs/math.md, section 4).
     norm_term = out_scale * scale * quad / safe_r
     norm_term = norm_term / safe_r if SEED else -norm_term
     norm_term = tl.where(positive, norm_term, 0.0)
@@ -684,34 +668,21 @@ def _beta_chunk_jvp_kernel(
             )  # fmt: skip
         out = out * out_scale[:, None]
         if CAUSAL:
-            vd = _load_tile(vd_base, k_rows, k_ok, v_cols, v_ok, stride_vd_t, stride_vd_d)
+            vd = load_tile(vd_base, k_rows, k_ok, v_cols, v_ok, stride_vd_t, stride_vd_d)
             # [BT, BT] @ [BT, BV] -> [BT, BV]
             out += tl.dot(weights.to(vd.dtype), vd, input_precision=DOT_PRECISION)
             if not SEED:
-                v = _load_tile(v_base, k_rows, k_ok, v_cols, v_ok, stride_v_t, stride_v_d)
+                v = load_tile(v_base, k_rows, k_ok, v_cols, v_ok, stride_v_t, stride_v_d)
                 out += tl.dot(weight_tangents.to(v.dtype), v, input_precision=DOT_PRECISION)
-        o = _load_tile(o_base, q_rows, q_ok, v_cols, v_ok, stride_o_t, stride_o_d).to(acc_dtype)
+        o = load_tile(o_base, q_rows, q_ok, v_cols, v_ok, stride_o_t, stride_o_d).to(acc_dtype)
         out += norm_term[:, None] * o
-        _store_tile(od_ptr + batch * stride_od_b + head * stride_od_h, out,
+        store_tile(od_ptr + batch * stride_od_b + head * stride_od_h, out,
                     q_rows, q_ok, v_cols, v_ok, stride_od_t, stride_od_d)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _block(dim: int, cap: int) -> int:
-    """A power-of-two tile for a feature axis: covers ``dim`` up to ``cap``, and tl.dot needs >= 16."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
-
-
-def _dot_precision(dtype: torch.dtype, on_gpu: bool) -> str:
-    """tf32 is exact for fp16/bf16 values; fp32 inputs get 3xTF32 on tensor cores (about fp32
-    accuracy; IEEE fp32 dots of these tiles spill badly on sm_90) and IEEE in the interpreter."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return "tf32"
-    return "tf32x3" if dtype == torch.float32 and on_gpu else "ieee"
 
 
 class _Plan:
@@ -723,7 +694,7 @@ class _Plan:
         self.causal = causal
         self.chunk = chunk
         self.acc_dtype = accumulation_dtype(q.dtype)
-        self.precision = _dot_precision(q.dtype, q.is_cuda)
+        self.precision = dot_precision(q.dtype, q.is_cuda)
         # Query row t of chunk n is query n * BT + t - query_shift (its last visible key is n * BT + t).
         self.query_shift = self.t_k - self.t_q if causal else 0
         self.key_chunks = triton.cdiv(self.t_k, chunk)
@@ -735,7 +706,7 @@ class _Plan:
         self.empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
     def kernel_args(self, max_block: int) -> dict:
-        block_k, block_v = _block(self.dim_k, max_block), _block(self.dim_v, max_block)
+        block_k, block_v = block(self.dim_k, max_block), block(self.dim_v, max_block)
         return dict(
             BT=self.chunk,
             BK=block_k,
@@ -773,7 +744,7 @@ def _chunk_states(
     col = 0
     for group, width in zip(columns, widths, strict=True):
         out = states[..., col : col + width]
-        block_a, block_x = _block(dim_a, OUTER_MAX_BLOCK), _block(width, OUTER_MAX_BLOCK)
+        block_a, block_x = block(dim_a, OUTER_MAX_BLOCK), block(width, OUTER_MAX_BLOCK)
         grid = (triton.cdiv(dim_a, block_a) * triton.cdiv(width, block_x), n_chunks, bh)
         for term, (a, x, weight) in enumerate(group):
             _chunk_outer_kernel[grid](
@@ -835,7 +806,7 @@ def _backward(
     plan = _Plan(q, k, v, causal, chunk)
     if plan.empty:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    # Row coefficients (MATH.md sections 3 and 5): a = 1/N; rho = D/(N r), or -D/(r^2 N) for the seed.
+    # Row coefficients (docs/math.md, sections 5 and 10): a = 1/N; rho = D/(N r), or -D/(r^2 N) for the seed.
     dot_do_o = (do.to(plan.acc_dtype) * o.to(plan.acc_dtype)).sum(-1)
     inv_norm = 1 / (1 + r)
     positive = r > 0
@@ -869,7 +840,7 @@ def _jvp(
     plan = _Plan(q, k, v, causal, chunk)
     if plan.empty:
         return torch.zeros_like(o)
-    # [G | H | Gd | Hd]; the seed's Hd keeps only the value tangent (MATH.md section 5).
+    # [G | H | Gd | Hd]; the seed's Hd keeps only the value tangent (docs/math.md, section 10).
     hd_terms = [(k, vd, None)] if seed else [(k, vd, None), (kd, v, None)]
     states = _chunk_states(
         plan, [[(k, k, None)], [(k, v, None)], [(k, kd, None)], hd_terms], queries=False, reverse=False
@@ -894,77 +865,37 @@ def _jvp(
 # ----------------------------------------------------------------------------------------------
 
 
-_NOT_AGAIN = composition_error("triton-linear", "beta", f"{TANGENT_OUTPUT}, or {GRADIENT}")
+def _seed(problem: Problem) -> bool:
+    chunk._options(problem, CHUNK_SIZE)  # full or causal only
+    return problem.grad == "seed"
 
 
-class _KernelCall(torch.autograd.Function):
-    """Runs a kernel launcher as the forward of a Function of its own.
-
-    Under ``torch.func`` transforms, the ``backward`` and ``jvp`` rules of ``_BetaLinearTriton``
-    receive tensors wrapped for that transform, which Triton cannot read; a Function's forward
-    receives them unwrapped. The kernels' outputs are not differentiable again (no double backward).
-    """
-
-    @staticmethod
-    def forward(launcher, *args):
-        return launcher(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_NOT_AGAIN)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_NOT_AGAIN)
+def forward(problem: Problem, q, k, v, sinks, mask, seed, chunk_size: int = CHUNK_SIZE):
+    return _forward(q, k, v, problem.scale, problem.causal, chunk_size)
 
 
-class _BetaLinearTriton(torch.autograd.Function):
-    """Outputs ``(O, r)``; ``r`` (the row norm, in the state dtype) is a non-differentiable statistic."""
+def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out, chunk_size: int = CHUNK_SIZE):
+    dq, dk, dv = _backward(
+        q, k, v, out, stat, grad_out, problem.scale, problem.causal, _seed(problem), chunk_size
+    )
+    return dq, dk, dv, None
 
-    @staticmethod
-    def forward(
-        q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, seed: bool, chunk: int
-    ) -> tuple[Tensor, Tensor]:
-        return _forward(q, k, v, scale, causal, chunk)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale, causal, seed, chunk = inputs
-        o, r = output
-        ctx.mark_non_differentiable(r)
-        ctx.save_for_backward(q, k, v, o, r)
-        ctx.save_for_forward(q, k, v, o, r)
-        ctx.config = (scale, causal, seed, chunk)
+def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot,
+        chunk_size: int = CHUNK_SIZE):  # fmt: skip
+    out_dot = _jvp(
+        q, k, v, out, stat, q_dot, k_dot, v_dot, problem.scale, problem.causal, _seed(problem), chunk_size
+    )
+    return out_dot, chunk.rows_placeholder(q)
 
-    @staticmethod
-    def backward(ctx, do: Tensor, _dr: Tensor | None):
-        q, k, v, o, r = ctx.saved_tensors
-        dq, dk, dv = _KernelCall.apply(_backward, q, k, v, o, r, do, *ctx.config)
-        return dq, dk, dv, None, None, None, None
 
-    @staticmethod
-    def jvp(ctx, qd: Tensor | None, kd: Tensor | None, vd: Tensor | None, *_):
-        q, k, v, o, r = ctx.saved_tensors
-        qd = torch.zeros_like(q) if qd is None else qd
-        kd = torch.zeros_like(k) if kd is None else kd
-        vd = torch.zeros_like(v) if vd is None else vd
-        return _KernelCall.apply(_jvp, q, k, v, o, r, qd, kd, vd, *ctx.config), None
+# The gradient of the tangent output runs the torch chunked path's forward mode through its
+# backward (exact and linear-time, in torch ops on the same device), not a fused kernel.
+KERNELS = Kernels("triton-linear", forward, backward, jvp, chunk.tangent_backward)
 
 
 def beta_linear_attention_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    normalizer: Normalizer,
-    causal: bool,
-    scale: float,
-    grad: str,
-    chunk_size: int = CHUNK_SIZE,
+    problem: Problem, q: Tensor, k: Tensor, v: Tensor, chunk_size: int = CHUNK_SIZE
 ) -> Tensor:
     """beta attention in ``O(T d^2)`` with chunked Triton kernels for forward, backward and JVP.
 
@@ -972,9 +903,6 @@ def beta_linear_attention_triton(
     tiles of up to 64 are looped over) on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``chunk_size`` (a power of two >= 16) is the length of the diagonal score tile.
     """
-    if normalizer.name != "beta":
-        raise ValueError(f"the linear-time kernels compute beta attention only, got {normalizer.name!r}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    o, _ = _BetaLinearTriton.apply(q, k, v, scale, causal, grad == "seed", chunk_size)
-    return o
+    return attention_function(chunk.with_chunk_size(KERNELS, chunk_size), problem, q, k, v, None, None, None)

@@ -1,4 +1,4 @@
-"""One fused decode step of beta attention from its constant-size state (MATH.md section 4).
+"""One fused decode step of beta attention from its constant-size state (docs/math.md, section 9).
 
 A beta-attention head carries ``H = sum_j k_j v_j^T`` (d x dv) and ``G = sum_j k_j k_j^T`` (d x d)
 instead of a KV cache. Generating one token adds the new key and value to the state and reads the
@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..triton_utils import load_tile, store_tile
 
 BLOCK_ROWS = 16
 
@@ -96,20 +98,14 @@ def _beta_decode_kernel(
         q_rows = tl.load(q_base + rows * stride_q_d, mask=rows_ok, other=0.0).to(acc_dtype)
         k_rows = tl.load(k_base + rows * stride_k_d, mask=rows_ok, other=0.0).to(acc_dtype)
 
-        g_mask = rows_ok[:, None] & d_ok[None, :]
-        g = tl.load(
-            g_base + rows[:, None] * stride_g_row + d_idx[None, :] * stride_g_col, mask=g_mask, other=0.0
-        )
+        g = load_tile(g_base, rows, rows_ok, d_idx, d_ok, stride_g_row, stride_g_col)
         g += k_rows[:, None] * k[None, :]
-        tl.store(g_out_base + rows[:, None] * stride_go_row + d_idx[None, :] * stride_go_col, g, mask=g_mask)
+        store_tile(g_out_base, g, rows, rows_ok, d_idx, d_ok, stride_go_row, stride_go_col)
         quad += q_rows * tl.sum(g * q[None, :], 1)
 
-        h_mask = rows_ok[:, None] & v_ok[None, :]
-        h = tl.load(
-            h_base + rows[:, None] * stride_h_row + v_idx[None, :] * stride_h_col, mask=h_mask, other=0.0
-        )
+        h = load_tile(h_base, rows, rows_ok, v_idx, v_ok, stride_h_row, stride_h_col)
         h += k_rows[:, None] * v[None, :]
-        tl.store(h_out_base + rows[:, None] * stride_ho_row + v_idx[None, :] * stride_ho_col, h, mask=h_mask)
+        store_tile(h_out_base, h, rows, rows_ok, v_idx, v_ok, stride_ho_row, stride_ho_col)
         values += tl.sum(q_rows[:, None] * h, 0)
 
     r = scale * tl.sqrt(tl.maximum(tl.sum(quad, 0), 0.0))

@@ -1,4 +1,4 @@
-"""Max reduction with a hand-written backward and JVP (MATH.md section 1), vmap-friendly.
+"""Max reduction with a hand-written backward and JVP (docs/math.md, section 2), vmap-friendly.
 
 Backward: ``dA[s2, s1] = dB[s2] * 1[s1 == m(s2)]``; JVP: ``Bd[s2] = Ad[s2, m(s2)]``. Both are
 written with vmappable ops only (``where``, ``gather``, reshapes), so ``torch.func.vmap`` of the

@@ -1,4 +1,4 @@
-"""Max reduction in plain torch, differentiated by autograd: the yardstick (MATH.md section 1)."""
+"""Max reduction in plain torch, differentiated by autograd: the yardstick (docs/math.md, section 2)."""
 
 from __future__ import annotations
 

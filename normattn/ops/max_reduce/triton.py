@@ -1,4 +1,4 @@
-"""Max reduction in Triton (MATH.md section 1): values and argmax in one read, scatter backward.
+"""Max reduction in Triton (docs/math.md, section 2): values and argmax in one read, scatter backward.
 
 The reduced axes are flattened into rows (``normattn.ops.rows``). A program owns ``BLOCK_ROWS``
 rows and walks them in ``[BLOCK_ROWS, BLOCK_COLS]`` tiles, so any row length works and short rows

@@ -1,7 +1,7 @@
 """Fused row softmax in Triton: online max and sum over row tiles, exp2 with log2(e) folded in.
 
 Forward ``y = exp(x - m) / sum exp(x - m)`` with the running max ``m`` treated as a constant
-(MATH.md section 2: the shift has no gradient). Backward ``dx = y * (dy - sum(y * dy))``; the
+(docs/math.md, section 3: the shift has no gradient). Backward ``dx = y * (dy - sum(y * dy))``; the
 JVP is the same map applied to the tangent (the softmax Jacobian is symmetric), so one kernel
 serves both. Rows that fit one tile are read once; longer rows take a statistics pass and an
 output pass. Accumulates in fp32 for fp16/bf16 (fp64 stays fp64). A row of only ``-inf`` gives zeros and
@@ -272,7 +272,7 @@ def softmax_rows_triton(x: Tensor, dim: int = -1) -> Tensor:
     of only ``-inf`` gives zeros and zero gradients, where ``torch.softmax`` gives NaN. Works
     under ``torch.func`` too (``grad``, ``vjp``/``jvp`` with ``vmap``, ``jacrev``, ``jacfwd``).
     """
-    from ...functional import triton_usable
+    from ..common import triton_usable
 
     _checks.float_tensor("x", x)
     if isinstance(dim, bool) or not isinstance(dim, int):

@@ -1,0 +1,302 @@
+"""Blockwise attention for any normalizer in plain PyTorch: the ``"torch"`` backend's quadratic path.
+
+Scores are built one ``QUERY_BLOCK x KEY_BLOCK`` tile at a time, so memory is ``O(T d)`` plus a few
+tiles, never ``Tq x Tk``. Four kernels, each one pass over the visible tiles, with the formulas of
+docs/math.md written through the spec's coefficients (``Normalizer.terms``/``second_terms``):
+
+* ``forward``: running sums of ``phi v`` and ``psi`` (rescaled by the running max for a shifted
+  normalizer); returns ``O`` and the row statistic (``L = m + log N`` shifted, ``Psi`` otherwise).
+* ``backward``: ``dq, dk, dv`` (and the sinks' gradient) from ``O``, the statistic and ``dO``.
+* ``jvp``: the tangent ``Od`` and ``mu_i = Nd_i / N_i`` from the statistic (no running max needed).
+* ``tangent_backward``: the gradient of ``<h, Od>`` with respect to the primal and tangent inputs.
+
+Grouped-query heads are computed as ``(B, H_kv, G, T, d)`` queries against ``(B, H_kv, 1, T, d)``
+keys: matmuls broadcast over the group axis, the repeated keys are never formed, and key
+gradients are summed over the group. Tiles that the band (causal, sliding window) hides are never
+visited, only tiles crossing a band edge build the band mask, and with an attention mask a tile
+with no visible pair is skipped. Half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..common import accumulation_dtype
+from .autograd import Kernels
+from .problem import Problem, dropout_keep
+
+QUERY_BLOCK = 1024
+KEY_BLOCK = 512
+
+
+class _Call:
+    """One call's tensors in the grouped layout, and the tile loop over them."""
+
+    def __init__(self, problem: Problem, q: Tensor, k: Tensor, v: Tensor, sinks, mask, seed) -> None:
+        self.problem = problem
+        self.dtype = q.dtype
+        self.acc = accumulation_dtype(q.dtype)
+        batch, heads, self.t_q, _ = q.shape
+        self.kv_heads, self.t_k = k.shape[1], k.shape[2]
+        self.groups = heads // self.kv_heads
+        self.q = self.grouped(q)  # [B, Hkv, G, Tq, d]
+        self.k, self.v = self.shared(k), self.shared(v)  # [B, Hkv, 1, Tk, d]
+        self.sinks = None if sinks is None else self.grouped_rows(sinks)  # [B, Hkv, G]
+        self.mask = None
+        if mask is not None:  # keeps its broadcast (size-1) dims: never expanded in memory
+            self.mask = (
+                mask.unflatten(1, (self.kv_heads, self.groups)) if mask.shape[1] > 1 else mask.unsqueeze(2)
+            )
+        self.seed = seed
+        if problem.dropout_p > 0:
+            self.head_index = torch.arange(batch * heads, device=q.device).view(
+                batch, self.kv_heads, self.groups, 1, 1
+            )
+
+    def grouped(self, x: Tensor) -> Tensor:
+        """``(B, H, T, e) -> (B, H_kv, G, T, e)`` in the accumulation dtype."""
+        return x.unflatten(1, (self.kv_heads, self.groups)).to(self.acc)
+
+    def shared(self, x: Tensor) -> Tensor:
+        """``(B, H_kv, T, e) -> (B, H_kv, 1, T, e)``: one key/value head per group."""
+        return x.unsqueeze(2).to(self.acc)
+
+    def key_zeros(self, width: int) -> Tensor:
+        """Zeros ``(B, H_kv, G, Tk, width)``: per-query-head key gradients, summed by ``unshare``."""
+        return self.q.new_zeros(*self.q.shape[:3], self.t_k, width)
+
+    def grouped_rows(self, x: Tensor) -> Tensor:
+        """``(B, H, ...) -> (B, H_kv, G, ...)`` for per-head or per-row statistics."""
+        return x.unflatten(1, (self.kv_heads, self.groups)).to(self.acc)
+
+    def ungroup(self, x: Tensor) -> Tensor:
+        """Inverse of ``grouped``: ``(B, H_kv, G, T, e) -> (B, H, T, e)`` in the input dtype."""
+        return x.flatten(1, 2).to(self.dtype)
+
+    def unshare(self, x: Tensor) -> Tensor:
+        """Key-side gradients ``(B, H_kv, G, T, e)`` summed over the group -> ``(B, H_kv, T, e)``."""
+        return x.sum(2).to(self.dtype)
+
+    def tiles(self):
+        """Yield ``(rows, keys, visible)`` for the tiles with a visible pair.
+
+        ``rows``/``keys`` are slices; ``visible`` is None when every pair of the tile is visible,
+        else a bool tensor broadcastable to ``[B, H_kv, G, R, K]``.
+        """
+        problem, device = self.problem, self.q.device
+        for r0 in range(0, self.t_q, QUERY_BLOCK):
+            r1 = min(r0 + QUERY_BLOCK, self.t_q)
+            lo, hi, full_lo, full_hi = problem.key_range(r0, r1, self.t_q, self.t_k)
+            for k0 in range(lo, hi, KEY_BLOCK):
+                k1 = min(k0 + KEY_BLOCK, hi)
+                visible = None
+                if not (full_lo <= k0 and k1 <= full_hi):
+                    visible = problem.visible(
+                        torch.arange(r0, r1, device=device),
+                        torch.arange(k0, k1, device=device),
+                        self.t_q,
+                        self.t_k,
+                    )
+                if self.mask is not None:
+                    tile_mask = self.mask[..., r0:r1, k0:k1]
+                    visible = tile_mask if visible is None else tile_mask & visible
+                    if not visible.any():
+                        continue
+                yield slice(r0, r1), slice(k0, k1), visible
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        # [B, Hkv, G, R, d] @ [B, Hkv, 1, d, K] -> [B, Hkv, G, R, K]
+        return self.problem.scale * (q @ k.transpose(-2, -1))
+
+    def dropout(self, rows: slice, keys: slice) -> Tensor | None:
+        """``keep / (1 - p)`` of the tile, or None without dropout."""
+        if self.problem.dropout_p == 0:
+            return None
+        device = self.q.device
+        keep = dropout_keep(
+            self.seed,
+            self.head_index,
+            torch.arange(rows.start, rows.stop, device=device)[:, None],
+            torch.arange(keys.start, keys.stop, device=device)[None, :],
+            self.problem.dropout_p,
+        )
+        return keep.to(self.acc) / (1 - self.problem.dropout_p)
+
+    def terms(self, s: Tensor, stat: Tensor, visible: Tensor | None, second: bool = False):
+        """The spec's coefficients of a tile, 0 where a pair is not visible."""
+        spec, p = self.problem.normalizer, self.problem.parameter
+        if second:
+            a2, b2, c = spec.second_terms(s, stat, p)
+            return (
+                (a2, b2, c)
+                if visible is None
+                else (torch.where(visible, a2, 0.0), torch.where(visible, b2, 0.0), c)
+            )
+        values = spec.terms(s, stat, p, self.problem.grad)
+        return values if visible is None else tuple(torch.where(visible, x, 0.0) for x in values)
+
+    def sink_weight(self, stat: Tensor) -> Tensor:
+        """``alpha_i / N_i`` of the sink, ``exp(a_h - L_i)`` (0 for a row whose statistic is inf)."""
+        return torch.exp(self.sinks[..., None] - stat)
+
+
+def _dropped(x: Tensor, keep: Tensor | None) -> Tensor:
+    return x if keep is None else x * keep
+
+
+def forward(problem: Problem, q, k, v, sinks, mask, seed) -> tuple[Tensor, Tensor]:
+    """``(O (B, H, Tq, dv), stat (B, H, Tq))``; the statistic in the accumulation dtype."""
+    call = _Call(problem, q, k, v, sinks, mask, seed)
+    spec, p = problem.normalizer, problem.parameter
+    acc = call.q.new_zeros(*call.q.shape[:-1], v.shape[-1])  # sum_j phi v (dropped)
+    if spec.shifted:
+        shift = torch.full_like(acc[..., 0], spec.shift_floor)  # running max, log units
+        if call.sinks is not None:
+            shift = torch.maximum(shift, call.sinks[..., None])
+        # N starts with the pseudo-keys: alpha e and the sink's exp(a - m)
+        norm = torch.zeros_like(shift) if spec.alpha == 0 else spec.alpha * torch.exp(-shift)
+        if call.sinks is not None:
+            norm = norm + torch.exp(call.sinks[..., None] - shift)
+    else:
+        psi_sum = torch.zeros_like(acc[..., 0])
+    for rows, keys, visible in call.tiles():
+        s = call.scores(call.q[..., rows, :], call.k[..., keys, :])
+        keep = call.dropout(rows, keys)
+        if spec.shifted:
+            s_visible = s if visible is None else s.masked_fill(~visible, float("-inf"))
+            old = shift[..., rows]
+            new = torch.maximum(old, s_visible.amax(-1))
+            # a row that has seen no key yet (softmax) keeps shift -inf: evaluate it at 0 instead
+            safe = torch.where(torch.isinf(new), 0.0, new)
+            rescale = torch.exp(old - safe)  # 0 for a row's first visible tile
+            acc[..., rows, :] *= rescale[..., None]
+            norm[..., rows] *= rescale
+            shift[..., rows] = new
+            x, e = s - safe[..., None], torch.exp(-safe)[..., None]
+        else:
+            x, e = s, torch.ones_like(s[..., :1])
+        phi = spec.phi(x, e, p)
+        if visible is not None:
+            phi = torch.where(visible, phi, 0.0)
+        acc[..., rows, :] += _dropped(phi, keep) @ call.v[..., keys, :]  # [R, K] @ [K, dv] -> [R, dv]
+        if spec.normalized:
+            psi = spec.psi(x, e, p)
+            psi_sum_tile = (psi if visible is None else torch.where(visible, psi, 0.0)).sum(-1)
+            if spec.shifted:
+                norm[..., rows] += psi_sum_tile
+            else:
+                psi_sum[..., rows] += psi_sum_tile
+    if spec.shifted:
+        stat = spec.row_statistic(torch.where(torch.isinf(shift), 0.0, shift), norm)
+    else:
+        stat, norm = psi_sum, spec.norm(psi_sum)
+    has_norm = norm > 0  # N = 0: a row with no visible key (softmax), whose output is 0
+    out = acc * torch.where(has_norm, 1 / torch.where(has_norm, norm, 1.0), 0.0)[..., None]
+    return call.ungroup(out), stat.flatten(1, 2)
+
+
+def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out):
+    """``(dq, dk, dv, dsinks)``; ``dsinks`` is ``(B, H)`` or None."""
+    call = _Call(problem, q, k, v, sinks, mask, seed)
+    stat, g = call.grouped_rows(stat), call.grouped(grad_out)
+    d_row = (g * call.grouped(out)).sum(-1)  # D_i = g_i . O_i  (O as dropped)
+    dq, dk, dv = torch.zeros_like(call.q), call.key_zeros(call.q.shape[-1]), call.key_zeros(call.v.shape[-1])
+    for rows, keys, visible in call.tiles():
+        q_r, k_b, v_b, g_r = call.q[..., rows, :], call.k[..., keys, :], call.v[..., keys, :], g[..., rows, :]
+        w, a, b = call.terms(call.scores(q_r, k_b), stat[..., rows], visible)
+        keep = call.dropout(rows, keys)
+        u = _dropped(g_r @ v_b.transpose(-2, -1), keep)  # [R, dv] @ [dv, K] -> [R, K]
+        ds = a * u - d_row[..., rows, None] * b
+        dv[..., keys, :] += _dropped(w, keep).transpose(-2, -1) @ g_r  # [K, R] @ [R, dv]
+        dq[..., rows, :] += ds @ k_b  # [R, K] @ [K, d] -> [R, d]
+        dk[..., keys, :] += ds.transpose(-2, -1) @ q_r  # [K, R] @ [R, d] -> [K, d]
+    dsinks = None
+    if call.sinks is not None:
+        dsinks = -(d_row * call.sink_weight(stat)).sum(-1).flatten(1, 2).to(sinks.dtype)
+    scale = problem.scale
+    return call.ungroup(scale * dq), call.unshare(scale * dk), call.unshare(dv), dsinks
+
+
+def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot):
+    """``(Od (B, H, Tq, dv), mu (B, H, Tq))`` with ``mu_i = Nd_i / N_i`` (the row's log-norm tangent)."""
+    call = _Call(problem, q, k, v, sinks, mask, seed)
+    stat = call.grouped_rows(stat)
+    qd, kd, vd = call.grouped(q_dot), call.shared(k_dot), call.shared(v_dot)
+    acc = torch.zeros_like(call.grouped(out))  # sum_j a sd v + w vd (dropped)
+    mu = torch.zeros_like(stat)  # sum_j b sd
+    for rows, keys, visible in call.tiles():
+        q_r, k_b = call.q[..., rows, :], call.k[..., keys, :]
+        s = call.scores(q_r, k_b)
+        sd = call.scores(qd[..., rows, :], k_b) + call.scores(q_r, kd[..., keys, :])
+        w, a, b = call.terms(s, stat[..., rows], visible)
+        keep = call.dropout(rows, keys)
+        mu[..., rows] += (b * sd).sum(-1)
+        acc[..., rows, :] += (
+            _dropped(a * sd, keep) @ call.v[..., keys, :] + _dropped(w, keep) @ vd[..., keys, :]
+        )
+    if call.sinks is not None:
+        mu = mu + call.sink_weight(stat) * call.grouped_rows(sinks_dot)[..., None]
+    out_dot = acc - mu[..., None] * call.grouped(out)
+    return call.ungroup(out_dot), mu.flatten(1, 2)
+
+
+def tangent_backward(
+    problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot, out_dot, mu, h,
+    need_tangent: bool = True,
+):  # fmt: skip
+    """Gradient of ``<h, Od>``: ``(dq, dk, dv, dsinks, dqd, dkd, dvd, dsinksd)`` (docs/math.md).
+
+    The primal part (the first four) is the tangent, along ``(qd, kd, vd, sinksd)``, of the
+    ordinary VJP with cotangent ``h``; the tangent part is that ordinary VJP. With
+    ``need_tangent=False`` the tangent part is not formed (returned as None).
+    """
+    call = _Call(problem, q, k, v, sinks, mask, seed)
+    stat, mu = call.grouped_rows(stat), call.grouped_rows(mu)
+    qd, kd, vd = call.grouped(q_dot), call.shared(k_dot), call.shared(v_dot)
+    h = call.grouped(h)
+    h_out = (h * call.grouped(out)).sum(-1)  # h_i . O_i
+    h_out_dot = (h * call.grouped(out_dot)).sum(-1)  # h_i . Od_i
+    d, dv_width = call.q.shape[-1], call.v.shape[-1]
+    dq, dqd = torch.zeros_like(call.q), torch.zeros_like(call.q)
+    dk, dkd, dv, dvd = (
+        call.key_zeros(d),
+        call.key_zeros(d),
+        call.key_zeros(dv_width),
+        call.key_zeros(dv_width),
+    )
+    for rows, keys, visible in call.tiles():
+        q_r, qd_r, h_r = call.q[..., rows, :], qd[..., rows, :], h[..., rows, :]
+        k_b, kd_b, v_b, vd_b = call.k[..., keys, :], kd[..., keys, :], call.v[..., keys, :], vd[..., keys, :]
+        s = call.scores(q_r, k_b)
+        sd = call.scores(qd_r, k_b) + call.scores(q_r, kd_b)
+        w, a, b = call.terms(s, stat[..., rows], visible)
+        a2, b2, c = call.terms(s, stat[..., rows], visible, second=True)
+        keep = call.dropout(rows, keys)
+        mu_r, h_out_r = mu[..., rows, None], h_out[..., rows, None]
+        u = _dropped(h_r @ v_b.transpose(-2, -1), keep)  # h_i . v_j  [R, K]
+        z = _dropped(h_r @ vd_b.transpose(-2, -1), keep)  # h_i . vd_j
+        row_coefficient = h_out_dot[..., rows, None] - h_out_r * mu_r * (1 - c)
+        ds = a2 * sd * u + a * (z - u * mu_r) - b * row_coefficient - h_out_r * b2 * sd
+        dsd = a * u - h_out_r * b  # the ordinary backward with cotangent h
+        dv[..., keys, :] += _dropped(a * sd - w * mu_r, keep).transpose(-2, -1) @ h_r
+        dq[..., rows, :] += ds @ k_b + dsd @ kd_b
+        dk[..., keys, :] += ds.transpose(-2, -1) @ q_r + dsd.transpose(-2, -1) @ qd_r
+        if need_tangent:
+            dvd[..., keys, :] += _dropped(w, keep).transpose(-2, -1) @ h_r
+            dqd[..., rows, :] += dsd @ k_b
+            dkd[..., keys, :] += dsd.transpose(-2, -1) @ q_r
+    dsinks = dsinks_dot = None
+    if call.sinks is not None:
+        sink_w = call.sink_weight(stat)
+        ad = call.grouped_rows(sinks_dot)[..., None]
+        dsinks = -(sink_w * (h_out_dot + h_out * (ad - mu))).sum(-1).flatten(1, 2).to(sinks.dtype)
+        dsinks_dot = -(sink_w * h_out).sum(-1).flatten(1, 2).to(sinks.dtype) if need_tangent else None
+    scale = problem.scale
+    primal = (call.ungroup(scale * dq), call.unshare(scale * dk), call.unshare(dv), dsinks)
+    if not need_tangent:
+        return (*primal, None, None, None, None)
+    return (*primal, call.ungroup(scale * dqd), call.unshare(scale * dkd), call.unshare(dvd), dsinks_dot)
+
+
+KERNELS = Kernels("torch", forward, backward, jvp, tangent_backward)
