@@ -67,7 +67,8 @@ def add_ratio(
     keys = [key for key in KEY_COLUMNS if key in df] + (["normalizer"] if same_normalizer else [])
     base = df[baseline & (df["status"] == "ok")].drop_duplicates(keys)
     base = base[[*keys, column]].rename(columns={column: "_base"})
-    df[name] = df[keys].merge(base, on=keys, how="left")["_base"].to_numpy() / df[column].to_numpy()
+    measured = df[column].where(df[column] > 0)  # no ratio to a zero (a peak under one page)
+    df[name] = df[keys].merge(base, on=keys, how="left")["_base"].to_numpy() / measured.to_numpy()
 
 
 def _cell(value: object) -> str:
