@@ -85,7 +85,8 @@ def _run_cpu(args: argparse.Namespace) -> tuple:
     gib = args.memory_budget_gib or cpu.memory_budget_bytes() / 2**30
     df = cpu.run_cpu(cases, dtype, budget_s, args.threads, int(gib * 2**30))
     threads = args.threads or torch.get_num_threads()
-    settings = {"dtype": dtype, "torch threads": threads, "case budget s": budget_s, "memory budget GiB": gib}
+    settings = {"dtype": dtype, "torch threads": threads, "case budget s": budget_s}
+    settings["memory budget GiB"] = f"{gib:.1f}"
     return "cpu", df, settings, cpu.METHOD, []
 
 
