@@ -1,304 +1,203 @@
-"""``normattn bench``: the CPU run at a tiny size, the memory helpers, the CUDA report on synthetic rows."""
+"""``normattn bench``: a tiny CPU run end to end, the CUDA stages' dry run under the Triton interpreter,
+the peak-memory helpers, cases that raise, and the command line's errors."""
 
 from __future__ import annotations
 
-import gc
+import inspect
 import math
-import multiprocessing
-import os
-import sys
-import types
+import shlex
 
+import pandas as pd
 import pytest
 import torch
 
-from normattn.bench import cli, cpu, report, timing
+import normattn
+from normattn.bench import cli, cpu, measure, memory
 
 MIB = 2**20
-
-
-def _float(text: str) -> float:
-    return float(text) if text else math.nan
-
-
-# ---------------------------------------------------------------------------------------------
-# The CPU bench end to end
+# One thread: two per case would fight the other test workers for the cores (slow, not wrong).
+CPU_ARGV = shlex.split("--device cpu --T 16 --passes fwd jvp+bwd --case-budget-s 0.01 --threads 1")
 
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_cpu")
-    # One thread: two per case would fight the other test workers for the 2 cores (slow, not wrong).
-    argv = ["--device", "cpu", "--T", "32", "--quick", "--repeats", "1", "--threads", "1", "--out", str(out)]
-    code = cli.main("bench", argv)
-    return code, out
+    code = cli.main("bench", [*CPU_ARGV, "--out", str(out)])
+    return code, out, pd.read_csv(out / "bench_cpu.csv", keep_default_na=False, na_values=[""])
 
 
-def test_cpu_bench_writes_csv_png_and_markdown(cpu_run):
-    code, out = cpu_run
+def test_cpu_run_has_a_row_per_case_of_every_registered_normalizer(cpu_run):
+    code, _, df = cpu_run
     assert code == 0
-    header, rows = report.read_csv(out / "bench_cpu.csv")
-    for key in ("device", "cores", "torch", "triton", "git commit", "date"):
-        assert header[key], key
-    assert header["cores"] == str(os.cpu_count()) and header["torch threads"] == "1"
-    for column in ("normalizer", "pass", "T", "backend", "status", "ms", "repeats", "peak_mb"):
-        assert column in rows[0]
-    expected = {
-        (normalizer, pass_name, backend)
-        for normalizer in ("softmax", "beta")
-        for pass_name in cpu.PASSES
-        for backend in ("reference", "torch", "sdpa")
-        if normalizer == "softmax" or backend != "sdpa"
-    }
-    assert {(r["normalizer"], r["pass"], r["backend"]) for r in rows} == expected
-    assert len(rows) == len(expected) and all(r["T"] == "32" for r in rows)
-    for row in rows:
-        if row["backend"] == "sdpa" and row["pass"] == "jvp":
-            assert row["status"] in ("ok", "unsupported")  # no forward AD for CPU SDPA in torch 2.13
-            continue
-        assert row["status"] == "ok", row
-        assert _float(row["ms"]) > 0 and row["repeats"] == "1"
-        assert _float(row["peak_mb"]) >= 0 and row["memory_method"] in ("hwm", "sampler")
-    for row in rows:
-        if row["backend"] == "reference":
-            assert _float(row["speedup_vs_reference"]) == 1.0
-        elif row["status"] == "ok":
-            reference = next(
-                r
-                for r in rows
-                if (r["normalizer"], r["pass"], r["backend"]) == (row["normalizer"], row["pass"], "reference")
-            )
-            ratio = _float(reference["ms"]) / _float(row["ms"])
-            assert _float(row["speedup_vs_reference"]) == pytest.approx(ratio, rel=1e-9)
-    softmax_torch = [r for r in rows if r["normalizer"] == "softmax" and r["backend"] == "torch"]
-    assert all(r["speedup_vs_sdpa"] for r in softmax_torch if r["pass"] != "jvp")
-    assert not any(r["speedup_vs_sdpa"] for r in rows if r["normalizer"] == "beta")
+    cases = set(zip(df["backend"], df["normalizer"], df["pass"]))
+    for normalizer in normattn.NORMALIZERS:  # the reference computes every normalizer
+        assert {("reference", normalizer, "fwd"), ("reference", normalizer, "jvp+bwd")} <= cases
+    assert ("sdpa", "softmax", "fwd") in cases and ("sdpa-math", "softmax", "jvp+bwd") in cases
+    assert not {("sdpa", "softmax", "jvp+bwd"), ("sdpa-math", "softmax", "fwd")} & cases
+    assert len(cases) == len(df) and set(df["T"]) == {16} and set(df["causal"]) == {True}
+    assert set(df["status"]) <= {"ok", "unsupported"}
+    measured = df[df["status"] == "ok"]
+    assert (measured["median_ms"] > 0).all() and (measured["repeats"] >= 1).all()
+    assert (measured["peak_mib"] >= 0).all() and (measured["iqr_ms"] >= 0).all()
+    # A pass a backend cannot do is a row that says why, with nothing timed.
+    unsupported = df[df["status"] == "unsupported"]
+    assert unsupported["median_ms"].isna().all()
+    assert unsupported["note"].str.startswith("NotImplementedError: ").all()
 
-    png = (out / "bench_cpu.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+def test_cpu_run_ratios_use_baselines_of_the_same_run(cpu_run):
+    _, _, df = cpu_run
+    by_case = df.set_index(["backend", "normalizer", "pass"])["median_ms"]
+    peaks = df.set_index(["backend", "normalizer", "pass"])["peak_mib"]
+    for row in df[df["status"] == "ok"].to_dict("records"):
+        reference = ("reference", row["normalizer"], row["pass"])
+        sdpa = ("sdpa-math" if row["pass"] == "jvp+bwd" else "sdpa", "softmax", row["pass"])
+        assert row["speedup_vs_reference"] == pytest.approx(by_case[reference] / row["median_ms"])
+        saving = peaks[reference] / row["peak_mib"] if row["peak_mib"] > 0 else math.nan
+        assert row["memory_saving_vs_reference"] == pytest.approx(saving, nan_ok=True)
+        assert row["speedup_vs_sdpa"] == pytest.approx(by_case[sdpa] / row["median_ms"])
+    assert (df.loc[df["backend"] == "reference", "speedup_vs_reference"] == 1).all()
+
+
+def test_cpu_run_writes_a_plot_and_a_report_with_environment_and_command(cpu_run):
+    _, out, df = cpu_run
+    assert (out / "bench_cpu.png").read_bytes().startswith(b"\x89PNG")
     markdown = (out / "results.md").read_text()
-    assert "**git commit**" in markdown and "**device**" in markdown
-    assert "| normalizer | pass | T | backend | median ms |" in markdown
-    assert markdown.count("| softmax |") == 9 and markdown.count("| beta |") == 6
-    assert "Targets from the issue" in markdown and "not measured in this run" in markdown
+    for key in ("device", "cores", "torch threads", "torch", "triton", "python", "git commit", "date"):
+        assert f"- **{key}**: " in markdown
+    assert "load average" in markdown and "memory budget GiB" in markdown
+    assert "normattn bench " + " ".join(CPU_ARGV) in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| backend | normalizer | pass | T | causal | median_ms | iqr_ms |")
+    assert "speedup_vs_reference" in table[0] and "window" not in table[0]  # empty columns left out
+    assert len(table) == 1 + len(df)
 
 
-def test_memory_budget_skips_before_running_anything():
-    cases = cpu.cases_for([64, 128], ["beta"], ["reference"], repeats=1)
-    rows = cpu.run_cpu_bench(cases, memory_budget=1, progress=False)
-    assert len(rows) == 6 and all(row["status"] == "skipped (memory)" for row in rows)
-    copies = cpu.REFERENCE_SCORE_COPIES["fwd+bwd"]
-    fwd_bwd_64 = next(r for r in rows if (r["pass"], r["T"]) == ("fwd+bwd", 64))
-    assert fwd_bwd_64["predicted_peak_mb"] == pytest.approx(copies * 4 * 64 * 64 * 4 / MIB)
-    table = report.format_table(rows, cpu.TABLE_COLUMNS, markdown=False)
-    assert table.count("skipped (memory)") == 6
+def test_peak_memory_sees_a_transient_allocation_after_a_reset():
+    device = torch.device("cpu")
+    earlier = torch.ones(128 * MIB // 4)  # an earlier, larger peak, which the reset must forget
+    del earlier
+    memory.reset_peak_memory(device)
+    start, kind = memory.peak_memory(device)
+    buffer = torch.ones(64 * MIB // 4)  # written, so resident; freed before the peak is read
+    del buffer
+    peak, _ = memory.peak_memory(device)
+    assert kind == "peak RSS" and 60 * MIB <= peak - start <= 80 * MIB
 
 
-def test_peak_prediction_scales_a_measured_case():
-    case = cpu.Case("torch", "beta", "jvp", 4096)
-    assert cpu.predicted_peak_bytes(case, {}) is None  # only the reference has a prior estimate
-    assert cpu.predicted_peak_bytes(case, {case.family: (1024, 10.0)}) == pytest.approx(40.0)
-    reference = cpu.Case("reference", "beta", "jvp", 4096)
-    assert cpu.predicted_peak_bytes(reference, {reference.family: (1024, 10.0)}) == pytest.approx(160.0)
+def test_peak_memory_is_a_drop_in_for_the_gpt_trainers_copy():
+    from normattn.gpt import train
 
-
-def test_targets_compare_torch_with_the_reference():
-    def row(backend, ms, peak):
-        return {"normalizer": "beta", "pass": "fwd+bwd", "T": 4096, "backend": backend, "status": "ok",
-                "ms": ms, "peak_mb": peak}  # fmt: skip
-
-    rows = [row("reference", 1000.0, 2000.0), row("torch", 50.0, 150.0)]
-    report.add_ratios(
-        rows, is_baseline=lambda r: r["backend"] == "reference", match_keys=("T",), name="reference"
-    )
-    line = cpu.TARGETS[0].check(rows)
-    assert "speedup 20.0x" in line and "memory saving 13.3x" in line
-    assert line.count("NOT met") == 1 and "goal: at least 20x) NOT met" in line
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory and timing helpers
-
-
-def test_cpu_peak_bytes_sees_a_transient_allocation():
-    def transient() -> None:
-        buffer = torch.ones(64 * MIB // 4)  # written, so resident; freed before returning
-        del buffer
-
-    peak, method, seconds = timing.cpu_peak_bytes(transient)
-    assert method in ("hwm", "sampler") and seconds > 0
-    assert 60 * MIB <= peak <= 80 * MIB
-
-
-def test_cpu_peak_bytes_sampler_fallback(monkeypatch):
-    monkeypatch.setattr(timing, "_reset_high_water_mark", lambda: False)
-
-    def held() -> None:
-        buffer = torch.ones(64 * MIB // 4)
-        timing.time.sleep(0.05)
-        del buffer
-
-    peak, method, _ = timing.cpu_peak_bytes(held)
-    assert method == "sampler" and 60 * MIB <= peak <= 80 * MIB
-
-
-def test_time_calls_counts_repeats_after_warmup():
-    calls = []
-    seconds = timing.time_calls(lambda: calls.append(1), repeats=3, warmup=2)
-    assert len(calls) == 5 and len(seconds) == 3 and all(s >= 0 for s in seconds)
-    assert timing.median_ms([0.001, 0.003, 0.002]) == pytest.approx(2.0)
-
-
-def test_a_failing_case_reports_its_error():
-    # What the fresh process runs, called here: a second fork server (one per xdist worker) costs
-    # seconds, and the CPU run above already goes through run_in_fresh_process.
-    receiver, sender = multiprocessing.Pipe(duplex=False)
-    try:
-        timing._child_main(sender, cpu.measure_case, (cpu.Case("no-such-backend", "beta", "fwd", 8),))
-    finally:
-        gc.unfreeze()  # _child_main freezes the (throwaway) child's objects; this is pytest's process
-    status = receiver.recv()["status"]
-    assert status.startswith("failed: ValueError") and "backend" in status
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI errors
-
-
-def test_cuda_without_cuda_exits_2(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main("bench", ["--device", "cuda", "--quick"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "CUDA" in err
+    for name in ("reset_peak_memory", "peak_memory"):
+        assert inspect.signature(getattr(memory, name)) == inspect.signature(getattr(train, name))
+    assert memory.peak_memory(torch.device("cpu"))[1] == train.peak_memory(torch.device("cpu"))[1]
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--bogus"], ["--device", "tpu"], ["--T", "0"], ["--T", "12,x"], ["--normalizers", "relu"],
-     ["--backends", "flash9"], ["--device", "cpu", "--repeats", "0"], ["--device", "cpu", "--dtype", "int8"],
-     ["--device", "cpu", "--threads", "0"], ["--passes", "bwd"]],
-)  # fmt: skip
-def test_bad_options_exit_2(argv, capsys):
-    assert cli.main("bench", argv) == 2
-    assert "error" in capsys.readouterr().err
-
-
-def test_help_exits_0(capsys):
-    assert cli.main("bench", ["--help"]) == 0
-    assert "--memory-budget-gib" in capsys.readouterr().out
-
-
-# ---------------------------------------------------------------------------------------------
-# The CUDA report, from synthetic rows
-
-
-def _flash_rows():
-    rows = []
-    for T, sdpa_ms in ((1024, 1.0), (4096, 10.0)):
-        rows.append({"op": "fwd", "impl": "sdpa-flash", "normalizer": "softmax", "causal": True, "T": T,
-                     "d": 64, "ms": sdpa_ms, "tflops": 100.0, "peak_mb": 40.0})  # fmt: skip
-        rows.append({"op": "fwd", "impl": "triton", "normalizer": "softmax", "causal": True, "T": T,
-                     "d": 64, "ms": 2 * sdpa_ms, "tflops": 50.0, "peak_mb": 20.0})  # fmt: skip
-        rows.append({"op": "fwd", "impl": "triton", "normalizer": "beta", "causal": True, "T": T,
-                     "d": 64, "ms": 4 * sdpa_ms, "tflops": 25.0})  # fmt: skip
-    return rows
-
-
-def _rows_rows():
-    return [
-        {
-            "op": op,
-            "impl": impl,
-            "pass": "fwd",
-            "shape": f"64x{cols}",
-            "cols": cols,
-            "dtype": "float32",
-            "ms": ms,
-            "gbps": 64 * cols * 4 / (ms * 1e-3) / 1e9,
-        }  # fmt: skip
-        for op, baseline in (("max_reduce", "torch.max"), ("softmax", "torch.softmax"))
-        for cols in (1024, 8192)
-        for impl, ms in ((baseline, 0.3), ("triton", 0.1))
-    ]
-
-
-def test_cuda_report_from_synthetic_rows(tmp_path):
-    rows_by_bench = {
-        "flash": _flash_rows(),
-        "linear": [{"impl": "triton-linear", "T": T, "ms": T / 1000} for T in (1024, 4096)],  # no baseline
-        "rows": _rows_rows(),
-    }
-    header = {
-        "device": "cuda (Fake GPU)",
-        "torch": "2.13.0",
-        "triton": "3.9.0",
-        "git commit": "abc",
-        "date": "d",
-    }
-    paths, summary = report.write_cuda_report(rows_by_bench, tmp_path, header)
-    names = sorted(path.name for path in paths)
-    assert names == ["bench_cuda.csv", "flash.png", "linear.png", "results.md", "rows.png"]
-    assert all((tmp_path / name).stat().st_size > 0 for name in names)
-    read_header, rows = report.read_csv(tmp_path / "bench_cuda.csv")
-    assert read_header == header and len(rows) == 6 + 2 + 8
-    assert list(rows[0])[:6] == ["bench", "op", "impl", "normalizer", "causal", "pass"]
-    flash = [r for r in rows if r["bench"] == "flash"]
-    for row in flash:
-        expected = {"sdpa-flash": 1.0, "triton": 0.5 if row["normalizer"] == "softmax" else 0.25}[row["impl"]]
-        assert _float(row["speedup_vs_baseline"]) == pytest.approx(expected)
-    softmax_triton = [r for r in flash if r["impl"] == "triton" and r["normalizer"] == "softmax"]
-    assert all(_float(r["memory_saving_vs_baseline"]) == pytest.approx(2.0) for r in softmax_triton)
-    assert not any(r["memory_saving_vs_baseline"] for r in flash if r["normalizer"] == "beta")
-    assert not any(r["speedup_vs_baseline"] for r in rows if r["bench"] == "linear")
-    for row in (r for r in rows if r["bench"] == "rows"):
-        assert _float(row["speedup_vs_baseline"]) == pytest.approx(
-            1.0 if row["impl"].startswith("torch") else 3.0
-        )
-    markdown = (tmp_path / "results.md").read_text()
-    assert "**device**: cuda (Fake GPU)" in markdown
-    for heading in ("## flash", "## linear", "## rows"):
-        assert heading in markdown and heading in summary
-    assert "| op | impl | normalizer | causal | T | d | ms | tflops |" in markdown
-    # The rows bench labels each x value with a shape: panels are op x pass, not one per shape.
-    assert len(report._cuda_panels("rows", _rows_rows())) == 2
-    (flash_panel,) = report._cuda_panels("flash", _flash_rows())  # normalizers share a panel
-    assert sorted(flash_panel.series) == ["beta triton", "softmax sdpa-flash", "softmax triton"]
-
-
-def test_cuda_cli_writes_rows_of_the_three_benches(monkeypatch, tmp_path, capsys):
+    ("error", "status"),
+    [
+        (NotImplementedError("no tangent backward\nsecond line"), "unsupported"),
+        (RuntimeError("boom"), "failed"),
+    ],
+)
+def test_a_case_that_raises_is_a_row_with_its_error_and_no_time(error, status):
     calls = []
 
-    def fake(name, result):
-        module = types.ModuleType(f"normattn.bench.{name}")
+    def call() -> None:
+        calls.append(1)
+        raise error
 
-        def bench(*args):
-            calls.append((name, args))
-            return result
-
-        setattr(module, f"bench_{name}", bench)
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-
-    fake("flash", _flash_rows())
-    fake("linear", [{"impl": "torch", "T": 256, "ms": 1.5}])
-    fake("rows", _rows_rows())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    assert cli.main("bench", ["--device", "cuda", "--quick", "--out", str(tmp_path)]) == 0
-    device = torch.device("cuda")
-    assert calls == [
-        ("flash", (device, torch.bfloat16, True)),
-        ("linear", (device, torch.bfloat16, True)),
-        ("rows", (device,)),
-    ]
-    header, rows = report.read_csv(tmp_path / "bench_cuda.csv")
-    assert "Fake GPU" in header["device"] and len(rows) == 6 + 1 + 8
-    assert "## flash" in capsys.readouterr().out
-    assert cli.main("bench", ["--device", "cuda", "--T", "64"]) == 2  # CPU-only option
+    row = measure.measured_row(lambda: call, torch.device("cpu"), budget_s=1.0)
+    first_line = str(error).splitlines()[0]
+    assert row == {"status": status, "note": f"{type(error).__name__}: {first_line}"} and calls == [1]
 
 
-def test_numbers_keep_three_significant_digits_without_exponents():
-    values = (0.00821, 0.5, 3.14159, 42.42, 1234.4, 7, None, "skipped (memory)")
-    assert [report.format_number(v) for v in values] == [
-        "0.0082", "0.500", "3.14", "42.4", "1234", "7", "", "skipped (memory)",
-    ]  # fmt: skip
-    assert report.format_ratio(12.345) == "12.3x" and report.format_ratio(None) == ""
+def test_cases_predicted_above_the_memory_budget_are_skipped_unrun():
+    cases = cpu.cpu_cases([64, 128], ["reference"], ["beta"], ["fwd+bwd"])
+    df = cpu.run_cpu(
+        [c for c in cases if c["backend"] == "reference"], torch.float32, 1.0, 1, memory_budget=1
+    )
+    assert list(df["status"]) == ["skipped (memory)"] * 2 and df["median_ms"].isna().all()
+    predicted = cpu.QUADRATIC_PEAK_SCORES["fwd+bwd"] * cpu.BATCH * cpu.HEADS * 64**2 * 4 / MIB
+    assert df["note"][0] == f"predicted peak {predicted:.0f} MiB > budget 0 MiB"
+
+
+def test_cuda_dry_run_under_the_interpreter(tmp_path):
+    if not normattn.functional.triton_usable(torch.empty(0)):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    assert cli.main("bench", ["--device", "cuda", "--dry-run", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "bench_cuda.csv", keep_default_na=False, na_values=[""])
+    assert list(dict.fromkeys(df["stage"])) == ["flash", "linear", "decode", "rows"]
+    assert set(df["status"]) <= {"ok", "unsupported"}
+    flash = df[df["stage"] == "flash"]
+    assert set(flash.loc[flash["backend"] == "triton", "normalizer"]) == set(normattn.NORMALIZERS)
+    baselines = set(zip(flash["backend"], flash["pass"])) - {("triton", p) for p in measure.PASSES}
+    assert baselines == {
+        ("sdpa-flash", "fwd"),
+        ("sdpa-flash", "fwd+bwd"),
+        ("sdpa-math", "jvp"),
+        ("sdpa-math", "jvp+bwd"),
+    }
+    measured = flash[flash["status"] == "ok"]
+    assert (measured["tflops"] > 0).all()
+    assert (measured.loc[measured["backend"] != "triton", "speedup_vs_baseline"] == 1).all()
+    assert set(df.loc[df["stage"] == "linear", "backend"]) == {"triton-linear", "triton", "sdpa-flash"}
+    decode = df[df["stage"] == "decode"].set_index("backend")
+    assert decode.loc["sdpa-kv-cache", "state_mib"] == pytest.approx(1 * 2 * 2 * 64 * 16 * 4 / MIB)
+    assert decode.loc["beta_decode", "tokens_per_s"] > 0
+    rows = df[df["stage"] == "rows"]
+    assert set(zip(rows["op"], rows["backend"])) == {
+        ("max", "triton"),
+        ("max", "torch.amax"),
+        ("softmax", "triton"),
+        ("softmax", "torch.softmax"),
+    }
+    assert (rows["gbps"] > 0).all()
+    markdown = (tmp_path / "results.md").read_text()
+    assert (
+        "Crossover: smallest T where triton-linear beat SDPA" in markdown
+        and "| beta | fwd | 16 |" in markdown
+    )
+
+
+def test_a_stage_past_its_time_budget_skips_its_cases():
+    from normattn.bench.cuda import CudaConfig, run_decode
+
+    df = run_decode(CudaConfig.tiny(stage_budget_s=0))
+    assert list(df["status"]) == ["skipped (time budget)"] * 2 and df["median_ms"].isna().all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bogus"], "unrecognized arguments"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+        (["--device", "cpu", "--T", "0"], "--T must be positive"),
+        (["--device", "cpu", "--T", "x"], "invalid int value"),
+        (["--device", "cpu", "--normalizers", "relu"], "invalid choice: 'relu'"),
+        (["--device", "cpu", "--backends", "flash9"], "invalid choice: 'flash9'"),
+        (["--device", "cpu", "--passes", "bwd"], "invalid choice: 'bwd'"),
+        (["--device", "cpu", "--dtype", "bfloat16"], "--dtype bfloat16 is not for --device cpu"),
+        (["--device", "cpu", "--dry-run"], "--dry-run does not apply to --device cpu"),
+        (["--device", "cuda", "--threads", "2"], "--threads does not apply to --device cuda"),
+        (["--device", "cpu", "--cases", "window", "--T", "64"], "--cases window has its own T"),
+        (["--device", "cuda"], "needs CUDA"),
+    ],
+)  # fmt: skip
+def test_bad_options_exit_2_with_a_clear_message(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main("bench", argv) == 2
+    err = capsys.readouterr().err
+    assert "normattn bench: error: " in err and message in err
+
+
+def test_triton_backends_on_the_cpu_need_the_interpreter(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main("bench", ["--device", "cpu", "--backends", "triton"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_help_lists_the_options(capsys):
+    assert cli.main("bench", ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(option in out for option in ("--cases", "--dry-run", "--memory-budget-gib", "--causal"))

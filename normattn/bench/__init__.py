@@ -1,3 +1,3 @@
-"""Benchmarks behind ``normattn bench``: CPU timing and memory of every backend (``cpu``), the CUDA
-benches (``flash``, ``linear``, ``rows``), shared timing helpers (``timing``) and report writing
-(``report``)."""
+"""Benchmarks behind ``normattn bench``: the subjects and passes measured and how (``measure``), peak
+memory (``memory``), the CPU run with one fresh process per case (``cpu``), the CUDA stages
+(``cuda``), CSV/PNG/markdown output (``report``) and the command line (``cli``)."""
