@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import normattn
+from normattn.ops.common import triton_usable
 
 from . import report
 from .measure import MIB, PASSES, attend_fn, measured_row, pass_call, sdpa_baseline, supports
@@ -179,7 +180,7 @@ def run_rows(config: CudaConfig = CudaConfig()) -> pd.DataFrame:
         ("max", "torch.amax"): lambda x: torch.amax(x, dim=-1),
         ("softmax", "torch.softmax"): lambda x: torch.softmax(x, dim=-1),
     }
-    if normattn.functional.triton_usable(torch.empty(0, device=config.device)):
+    if triton_usable(torch.empty(0, device=config.device)):
         from normattn.ops.softmax_rows.triton import softmax_rows_triton
 
         ops[("max", "triton")] = lambda x: normattn.max_reduce(x, dim=-1, backend="triton").values
