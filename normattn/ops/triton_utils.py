@@ -1,4 +1,5 @@
-"""What every Triton kernel of normattn shares: tile loads and stores, the tiling and precision policy.
+"""What every Triton kernel of normattn shares: tile loads and stores, the tiling and precision policy,
+and the one way kernels are launched: as ``torch.library`` custom ops.
 
 * ``load_tile``/``store_tile``: a 2-d tile of a strided tensor, masked to its valid rows and columns.
 * ``block``: head dims pad to the next power of two, at least 16 (the smallest tensor-core K).
@@ -8,12 +9,18 @@
 * ``tiles``: one table of launch shapes per kernel kind, padded head dim and operand width, chosen
   by compiling for sm_90 and reading registers, spills and shared memory (``make gpu-static``);
   tests shrink every tile with ``override_tiles`` so that the interpreter crosses many tile edges.
+* ``guard_derivatives``: every launcher is a custom op (its fake implementation lets
+  ``torch.compile`` trace it; the dispatcher unwraps ``torch.func``'s wrapped tensors before a
+  kernel sees a pointer). PyTorch gives a custom op no forward-mode rule and silently drops
+  tangents through it, so each op also gets an autograd kernel that raises for any derivative it
+  does not define: a derivative the op cannot give is an error, never a zero.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -123,3 +130,55 @@ def tiles(kind: str, block_d: int, dtype: torch.dtype, on_gpu: bool) -> Tiles:
         return Tiles(128, 128)
     by_head_dim = _GPU_TILES[(kind, dtype.itemsize > 2)]
     return next((t for max_d, t in by_head_dim if block_d <= max_d), by_head_dim[-1][1])
+
+
+# -- custom ops: derivatives they define, errors for the rest -------------------------------------
+
+_NO_DERIVATIVE = (
+    "normattn::{op} has no {mode}-mode derivative of its own (PyTorch would silently drop it through a "
+    "custom op): differentiate normattn.attention, which has them all"
+)
+# op name -> (setup_context, backward) for the ops that define a first-order backward
+_BACKWARDS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def _call_below_autograd(op_name: str, args: tuple):
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(torch.ops.normattn, op_name)(*args)
+
+
+class _OpCall(torch.autograd.Function):
+    """A custom op as autograd sees it: its registered backward, or an error."""
+
+    @staticmethod
+    def forward(op_name, *args):
+        return _call_below_autograd(op_name, args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
+        if ctx.op_name in _BACKWARDS:
+            _BACKWARDS[ctx.op_name][0](ctx, inputs[1:], output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.op_name not in _BACKWARDS:
+            raise NotImplementedError(_NO_DERIVATIVE.format(op=ctx.op_name, mode="reverse"))
+        return None, *_BACKWARDS[ctx.op_name][1](ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_NO_DERIVATIVE.format(op=ctx.op_name, mode="forward"))
+
+
+_LIBRARY = torch.library.Library("normattn", "FRAGMENT")
+
+
+def guard_derivatives(op, setup_context: Callable | None = None, backward: Callable | None = None) -> None:
+    """Give the custom op ``op`` (namespace ``normattn``) an autograd kernel: ``backward`` (with
+    ``setup_context``, as for ``register_autograd``) if given, an error for every other derivative."""
+    if backward is not None:
+        _BACKWARDS[op._name] = (setup_context, backward)
+    with warnings.catch_warnings():  # it replaces custom_op's default autograd kernel, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        _LIBRARY.impl(op._name, lambda *args, _name=op._name: _OpCall.apply(_name, *args), "Autograd")

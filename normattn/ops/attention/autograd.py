@@ -291,8 +291,48 @@ class AttentionVJP(torch.autograd.Function):
         return _vmap_apply(AttentionVJP, info, in_dims, kernels, problem, *tensors)
 
 
+class CompiledAttention(torch.autograd.Function):
+    """What ``torch.compile`` traces: :class:`Attention`'s forward and backward, without the JVP.
+
+    Dynamo cannot trace an ``autograd.Function`` that defines a custom ``jvp``; inside a compiled
+    region the kernels' forward and backward are traced (Inductor fuses the torch backend's tile
+    code; the Triton kernels are custom ops with fake implementations). Forward mode and second
+    derivatives through a compiled region raise; ``torch.func.jvp`` of eager code is unaffected.
+    """
+
+    @staticmethod
+    def forward(kernels, problem, q, k, v, sinks, mask, seed):
+        return kernels.forward(problem, q, k, v, sinks, mask, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kernels, problem, q, k, v, sinks, mask, seed = inputs
+        out, stat = output
+        ctx.mark_non_differentiable(stat)
+        ctx.save_for_backward(q, k, v, sinks, mask, seed, out, stat)
+        ctx.kernels, ctx.problem = kernels, problem
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_stat):
+        dq, dk, dv, dsinks = ctx.kernels.backward(ctx.problem, *ctx.saved_tensors, grad_out)
+        return None, None, dq, dk, dv, dsinks, None, None
+
+
 def attention_function(
     kernels: Kernels, problem: Problem, q: Tensor, k: Tensor, v: Tensor, sinks, mask, seed
 ) -> Tensor:
-    """``O`` with every derivative of :class:`Attention` (the entry point of kernel backends)."""
+    """``O`` with every derivative of :class:`Attention` (the entry point of kernel backends).
+
+    Inside a ``torch.compile`` region the call is :class:`CompiledAttention` (forward and
+    backward). A ``torch.func`` transform traced around it differentiates the traced forward
+    (torch backend: exact) or meets the Triton ops' own autograd kernels, which raise rather than
+    drop a derivative (tests/test_compile.py). ``grad="seed"`` breaks the graph and runs eagerly.
+    """
+    if torch.compiler.is_compiling():
+        if problem.grad == "seed":
+            # traced ops would differentiate to the true derivative, not the shortcut: run eagerly
+            torch._dynamo.graph_break()
+        else:
+            return CompiledAttention.apply(kernels, problem, q, k, v, sinks, mask, seed)[0]
     return Attention.apply(kernels, problem, q, k, v, sinks, mask, seed)[0]

@@ -41,6 +41,7 @@ from ..triton_utils import (
     accumulates_in_fp64,
     block,
     dot_precision,
+    guard_derivatives,
     load_tile,
     store_tile,
     tiles,
@@ -1092,9 +1093,12 @@ def _forward_op_backward(ctx, grad_out, _grad_stat):
     return (dq, dk, dv, _empty_to_none(dsinks)) + (None,) * (2 + len(ctx.config))
 
 
-# For callers of the bare op: its backward (first order). normattn.attention goes through the
-# autograd layer instead, which adds the JVP and the second derivatives.
-flash_forward_op.register_autograd(_forward_op_backward, setup_context=_forward_setup_context)
+# The bare forward op has its first-order backward (for callers of the op itself); every other
+# derivative of every op raises. normattn.attention differentiates through the autograd layer
+# (ops/attention/autograd.py) and never asks the ops for one.
+guard_derivatives(flash_forward_op, _forward_setup_context, _forward_op_backward)
+for _op in (flash_jvp_op, flash_backward_op, flash_tangent_backward_op):
+    guard_derivatives(_op)
 
 
 # --------------------------------------------------------------------------------------------

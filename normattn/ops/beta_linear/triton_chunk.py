@@ -46,7 +46,7 @@ from torch import Tensor
 from ..attention.autograd import Kernels, attention_function
 from ..attention.problem import Problem
 from ..common import accumulation_dtype
-from ..triton_utils import block, dot_precision, load_tile, store_tile
+from ..triton_utils import block, dot_precision, guard_derivatives, load_tile, store_tile
 from . import chunk
 
 # Tile sizes. One chunk of BT positions is one diagonal score tile; head dims are tiled by BK/BV
@@ -865,25 +865,75 @@ def _jvp(
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# Custom ops (the one way kernels launch: see triton_utils.guard_derivatives) and Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("normattn::beta_chunk_forward", mutates_args=())
+def forward_op(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """``(O, r)``: the output and the row norms ``r_i``."""
+    return _forward(q, k, v, scale, causal, chunk_size)
+
+
+@forward_op.register_fake
+def _(q, k, v, scale, causal, chunk_size):
+    return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(
+        q.shape[:3], dtype=accumulation_dtype(q.dtype)
+    )
+
+
+@torch.library.custom_op("normattn::beta_chunk_backward", mutates_args=())
+def backward_op(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, r: Tensor, grad_out: Tensor, scale: float, causal: bool,
+    seed: bool, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return _backward(q, k, v, o, r, grad_out, scale, causal, seed, chunk_size)
+
+
+@backward_op.register_fake
+def _(q, k, v, o, r, grad_out, scale, causal, seed, chunk_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("normattn::beta_chunk_jvp", mutates_args=())
+def jvp_op(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, r: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
+    scale: float, causal: bool, seed: bool, chunk_size: int,
+) -> Tensor:  # fmt: skip
+    return _jvp(q, k, v, o, r, q_dot, k_dot, v_dot, scale, causal, seed, chunk_size)
+
+
+@jvp_op.register_fake
+def _(q, k, v, o, r, q_dot, k_dot, v_dot, scale, causal, seed, chunk_size):
+    return torch.empty_like(o)
+
+
+for _op in (forward_op, backward_op, jvp_op):
+    guard_derivatives(_op)
+
+
 def _seed(problem: Problem) -> bool:
     chunk._options(problem, CHUNK_SIZE)  # full or causal only
     return problem.grad == "seed"
 
 
 def forward(problem: Problem, q, k, v, sinks, mask, seed, chunk_size: int = CHUNK_SIZE):
-    return _forward(q, k, v, problem.scale, problem.causal, chunk_size)
+    return forward_op(q, k, v, problem.scale, problem.causal, chunk_size)
 
 
 def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out, chunk_size: int = CHUNK_SIZE):
-    dq, dk, dv = _backward(
+    grads = backward_op(
         q, k, v, out, stat, grad_out, problem.scale, problem.causal, _seed(problem), chunk_size
     )
-    return dq, dk, dv, None
+    return (*grads, None)
 
 
 def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot,
         chunk_size: int = CHUNK_SIZE):  # fmt: skip
-    out_dot = _jvp(
+    out_dot = jvp_op(
         q, k, v, out, stat, q_dot, k_dot, v_dot, problem.scale, problem.causal, _seed(problem), chunk_size
     )
     return out_dot, chunk.rows_placeholder(q)
