@@ -129,19 +129,26 @@ class Normalizer:
     # -- the coefficients every derivative is built from -----------------------------------------
 
     def _evaluate(self, s: Tensor, stat: Tensor, p: float):
-        """``(x, e, 1/N, N'/N, N N''/N'^2)`` per score, from the row statistic.
+        """``(x, e, 1/N, N'/N, N N''/N'^2)`` per score, from the row statistic; None for a factor of 1.
 
         A shifted normalizer keeps ``L_i = m_i + log N_i``: evaluating ``phi`` at the shift ``L_i``
-        divides it by ``N_i`` (homogeneity), so ``1/N`` and ``N'/N`` are 1. ``L_i = +inf`` (a row
-        with no visible key) gives ``x = -inf``, ``e = 0`` and weights 0. An unshifted normalizer
-        keeps ``Psi_i``.
+        divides it by ``N_i`` (homogeneity), so ``1/N`` and ``N'/N`` are 1 (and ``N''`` is 0).
+        ``L_i = +inf`` (a row with no visible key) gives ``x = -inf``, ``e = 0`` and weights 0. An
+        unshifted normalizer keeps ``Psi_i``.
         """
         stat = stat[..., None]
         if self.shifted:
-            one = torch.ones_like(stat)
-            return s - stat, torch.exp(-stat), one, one, torch.zeros_like(stat)
+            return s - stat, torch.exp(-stat), None, None, None
         inv_norm, slope, curvature = self._norm_coefficients(stat)
         return s, torch.ones_like(stat), inv_norm, slope, curvature
+
+    def _apply(self, functions: tuple[ElementFn, ...], x: Tensor, e: Tensor, p: float) -> list[Tensor]:
+        """Evaluate element functions, once each: softmax's phi, phi', psi' are one exponential."""
+        values: dict[int, Tensor] = {}
+        for f in functions:
+            if id(f) not in values:
+                values[id(f)] = f(x, e, p)
+        return [values[id(f)] for f in functions]
 
     def terms(self, s: Tensor, stat: Tensor, p: float, grad: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
         """``(w, a, b)`` per score: the weight ``phi / N``, ``a = phi' / N`` and ``b = N' psi' / N``.
@@ -149,21 +156,28 @@ class Normalizer:
         The backward is ``ds = a (g.v) - D b`` with ``D_i = g_i.O_i``; the JVP is
         ``Od = sum_j a sd v - mu O + sum_j w vd`` with ``mu_i = sum_j b sd``. ``grad="seed"`` gives the
         beta-attention write-up's shortcut instead: ``a = 0``, ``b = -w / Psi`` (docs/math.md).
+        Results may share storage (softmax: ``w``, ``a`` and ``b`` are one tensor).
         """
         x, e, inv_norm, slope, _ = self._evaluate(s, stat, p)
-        w = self.phi(x, e, p) * inv_norm
+        phi, dphi, dpsi = self._apply((self.phi, self.dphi, self.dpsi), x, e, p)
+        w = phi if inv_norm is None else phi * inv_norm
         if grad == "seed":
             positive, safe = _positive(stat[..., None])
             return w, torch.zeros_like(w), torch.where(positive, -w / safe, torch.zeros_like(w))
-        return w, self.dphi(x, e, p) * inv_norm, self.dpsi(x, e, p) * slope
+        if inv_norm is None:
+            return w, dphi, dpsi
+        return w, dphi * inv_norm, dpsi * slope
 
     def second_terms(self, s: Tensor, stat: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(a2, b2, c)``: ``a2 = phi'' / N``, ``b2 = N' psi'' / N`` and the row's ``c = N N'' / N'^2``.
 
-        They enter the gradient of the JVP's tangent output (docs/math.md, "Gradients through the JVP").
+        They enter the gradient of the JVP's tangent output (docs/math.md, section 7).
         """
         x, e, inv_norm, slope, curvature = self._evaluate(s, stat, p)
-        return self.d2phi(x, e, p) * inv_norm, self.d2psi(x, e, p) * slope, curvature
+        d2phi, d2psi = self._apply((self.d2phi, self.d2psi), x, e, p)
+        if inv_norm is None:
+            return d2phi, d2psi, torch.zeros_like(stat[..., None])
+        return d2phi * inv_norm, d2psi * slope, curvature
 
     def row_statistic(self, shift: Tensor, norm: Tensor) -> Tensor:
         """The statistic a shifted normalizer keeps, ``L = m + log N`` (``+inf`` where ``N = 0``)."""
