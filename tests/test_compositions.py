@@ -84,6 +84,7 @@ def _compositions(f, kv_heads=2):
         "vmap": lambda: vmap(f)(*batched[:3]),
         "vmap_grad": lambda: vmap(grad(loss, argnums=(0, 1, 2)))(*batched[:3]),
         "vmap_jvp": lambda: vmap(lambda *a: jvp(f, a[:3], a[3:])[1])(*batched),
+        "vmap_vjp": lambda: vmap(lambda *a: vjp(f, *a)[1](c))(*batched[:3]),
     }
 
 

@@ -171,9 +171,12 @@ def test_features_gradcheck(name, feature, backend):
 # -- grouped-query heads and broadcast masks cost no repeated memory ----------------------------
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_kernels_never_repeat_keys_or_expand_masks(backend, monkeypatch):
-    """The kernel backends use the shared key/value heads and the broadcast mask in place."""
+@pytest.mark.parametrize(
+    ("backend", "name"), [("torch", "sigmoid"), ("torch", "beta"), ("triton", "sigmoid")], ids=str
+)
+def test_kernels_never_repeat_keys_or_expand_masks(backend, name, monkeypatch):
+    """The kernel backends use the shared key/value heads and the broadcast mask in place (the
+    torch backend's beta is its linear-time path here: a key-padding mask)."""
     for method in ("repeat_interleave", "repeat", "contiguous"):
         original = getattr(torch.Tensor, method)
 
@@ -185,9 +188,9 @@ def test_kernels_never_repeat_keys_or_expand_masks(backend, monkeypatch):
         monkeypatch.setattr(torch.Tensor, method, refuse)
     q, k, v = inputs((2, 4, 2, 19, 23, 8, 8), transposed=False)
     mask = (torch.arange(23) < 20)[None, None, None, :].expand(2, 1, 1, 23)
-    out = normattn.attention(q, k, v, attn_mask=mask, enable_gqa=True, backend=backend, normalizer="sigmoid")
+    out = normattn.attention(q, k, v, attn_mask=mask, enable_gqa=True, backend=backend, normalizer=name)
     monkeypatch.undo()
-    want = attention_ref(q, k, v, "sigmoid", attn_mask=mask)
+    want = attention_ref(q, k, v, name, attn_mask=mask)
     torch.testing.assert_close(out, want, **F64)
 
 

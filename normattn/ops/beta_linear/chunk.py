@@ -255,7 +255,8 @@ def _backward(
         if causal:
             dv_chunks = (a * s).transpose(-1, -2) @ go  # [..., NC, C, C]^T @ [..., NC, C, dv]
             dv_chunks += kc @ r_later
-            _put(dv, group.keys, dv_chunks, group.length)
+            # grouped-query heads: a shared key's gradient is the sum over its query heads
+            _put(dv, group.keys, dv_chunks.sum_to_size(vc.shape), group.length)
             del dv_chunks
             ds = s.mul_(-rho)
             if exact:
@@ -266,15 +267,15 @@ def _backward(
             dk_chunks -= kc @ w_later  # W is symmetric: (W k_j)^T = k_j^T W
             if exact:
                 dk_chunks += vc @ r_later.transpose(-1, -2)
-            _put(dk, group.keys, dk_chunks, group.length)
+            _put(dk, group.keys, dk_chunks.sum_to_size(kc.shape), group.length)
             del dk_chunks
         _put(dq, group.queries, dqc.mul_(scale), group.length)
     # the prefix keys are seen by every active query
     dk_prefix = -(k_prefix @ w_after)
     if exact:
         dk_prefix += v_prefix @ r_after.transpose(-1, -2)
-    dk[..., : layout.n_prefix, :] = dk_prefix
-    dv[..., : layout.n_prefix, :] = k_prefix @ r_after
+    dk[..., : layout.n_prefix, :] = dk_prefix.sum_to_size(k_prefix.shape)
+    dv[..., : layout.n_prefix, :] = (k_prefix @ r_after).sum_to_size(v_prefix.shape)
     return dq, dk, dv
 
 
@@ -358,20 +359,43 @@ def rows_placeholder(q: Tensor) -> Tensor:
     return q.new_zeros(()).expand(*q.shape[:3])
 
 
+# Grouped-query heads: queries as (B, H_kv, G, T, d) against keys and values (B, H_kv, 1, T, d);
+# every state is a key/value head's, products broadcast over the group, and the backward sums a
+# shared key's gradient over its group (sum_to_size): the repeated keys are never formed.
+
+
+def _grouped(x: Tensor, kv_heads: int) -> Tensor:
+    return x.unflatten(1, (kv_heads, x.shape[1] // kv_heads))
+
+
+def _ungrouped(x: Tensor, like: Tensor) -> Tensor:
+    return x.flatten(1, 2).to(like.dtype)
+
+
 def forward(problem: Problem, q, k, v, sinks, mask, seed, chunk_size: int = CHUNK_SIZE):
-    out = _forward(q, k, v, *_options(problem, chunk_size)[:2], chunk_size).to(q.dtype)
-    return out, rows_placeholder(q)
+    q5, k5, v5 = _grouped(q, k.shape[1]), k.unsqueeze(2), v.unsqueeze(2)
+    out = _forward(q5, k5, v5, *_options(problem, chunk_size)[:2], chunk_size)
+    return _ungrouped(out, q), rows_placeholder(q)
 
 
 def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out, chunk_size: int = CHUNK_SIZE):
-    grads = _backward(q, k, v, out, grad_out, *_options(problem, chunk_size))
-    return (*(d.to(x.dtype) for d, x in zip(grads, (q, k, v), strict=True)), None)
+    kv = k.shape[1]
+    grads = _backward(
+        _grouped(q, kv), k.unsqueeze(2), v.unsqueeze(2), _grouped(out, kv), _grouped(grad_out, kv),
+        *_options(problem, chunk_size),
+    )  # fmt: skip
+    dq, dk, dv = grads
+    return _ungrouped(dq, q), dk.squeeze(2).to(k.dtype), dv.squeeze(2).to(v.dtype), None
 
 
 def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot,
         chunk_size: int = CHUNK_SIZE):  # fmt: skip
-    out_dot = _jvp(q, k, v, out, q_dot, k_dot, v_dot, *_options(problem, chunk_size)).to(q.dtype)
-    return out_dot, rows_placeholder(q)
+    kv = k.shape[1]
+    out_dot = _jvp(
+        _grouped(q, kv), k.unsqueeze(2), v.unsqueeze(2), _grouped(out, kv), _grouped(q_dot, kv),
+        k_dot.unsqueeze(2), v_dot.unsqueeze(2), *_options(problem, chunk_size),
+    )  # fmt: skip
+    return _ungrouped(out_dot, q), rows_placeholder(q)
 
 
 def tangent_backward(
