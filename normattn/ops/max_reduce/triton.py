@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..rows import RowLayout, from_rows, row_layout, to_rows
+from ..triton_utils import guard_derivatives
 from .autograd import gather_at_argmax, save_argmax_context
 
 # Column sentinel: larger than any real column, so a min over columns ignores it.
@@ -114,6 +115,7 @@ def _check_row_len(row_len: int) -> None:
         raise ValueError(f"rows of {row_len} elements are too long: column indices are 32-bit")
 
 
+@torch.library.custom_op("normattn::max_reduce_rows_forward", mutates_args=())
 def max_reduce_rows_fwd(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Max and first argmax of each row of a 2-D tensor (any strides): ``[n_rows]`` each."""
     n_rows, row_len = rows.shape
@@ -138,6 +140,12 @@ def max_reduce_rows_fwd(rows: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
+@max_reduce_rows_fwd.register_fake
+def _(rows: Tensor) -> tuple[Tensor, Tensor]:
+    return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0], dtype=torch.int64)
+
+
+@torch.library.custom_op("normattn::max_reduce_rows_backward", mutates_args=())
 def max_reduce_rows_bwd(grad_values: Tensor, indices: Tensor, row_len: int) -> Tensor:
     """``[n_rows, row_len]`` contiguous: ``grad_values[r]`` at column ``indices[r]``, zero elsewhere."""
     (n_rows,) = grad_values.shape
@@ -157,6 +165,16 @@ def max_reduce_rows_bwd(grad_values: Tensor, indices: Tensor, row_len: int) -> T
         num_warps=num_warps,
     )
     return grad_rows
+
+
+@max_reduce_rows_bwd.register_fake
+def _(grad_values: Tensor, indices: Tensor, row_len: int) -> Tensor:
+    return grad_values.new_empty(grad_values.shape[0], row_len)
+
+
+# launched as custom ops (triton_utils.guard_derivatives); the Functions below give the derivatives
+guard_derivatives(max_reduce_rows_fwd)
+guard_derivatives(max_reduce_rows_bwd)
 
 
 def fold_batch(info: Any, tensor: Tensor, batch_dim: int | None) -> Tensor:

@@ -22,6 +22,7 @@ from ... import _checks
 from ..common import accumulation_dtype
 from ..max_reduce.triton import fold_batch, row_block, row_tile, row_tiling
 from ..rows import RowLayout, from_rows, row_layout, to_rows
+from ..triton_utils import guard_derivatives
 
 LOG2E = tl.constexpr(math.log2(math.e))
 
@@ -131,6 +132,7 @@ def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
+@torch.library.custom_op("normattn::softmax_rows_forward", mutates_args=())
 def softmax_rows_fwd(x_rows: Tensor) -> Tensor:
     """Softmax of each row of a 2-D tensor (any strides), contiguous ``[n_rows, row_len]``."""
     n_rows, row_len = x_rows.shape
@@ -154,6 +156,12 @@ def softmax_rows_fwd(x_rows: Tensor) -> Tensor:
     return y_rows
 
 
+@softmax_rows_fwd.register_fake
+def _(x_rows: Tensor) -> Tensor:
+    return x_rows.new_empty(x_rows.shape)
+
+
+@torch.library.custom_op("normattn::softmax_rows_backward", mutates_args=())
 def softmax_rows_bwd(y_rows: Tensor, dy_rows: Tensor) -> Tensor:
     """``y * (dy - sum(y * dy))`` per row: the VJP, and also the JVP with the tangent as ``dy``."""
     n_rows, row_len = y_rows.shape
@@ -176,6 +184,16 @@ def softmax_rows_bwd(y_rows: Tensor, dy_rows: Tensor) -> Tensor:
         num_warps=num_warps,
     )
     return dx_rows
+
+
+@softmax_rows_bwd.register_fake
+def _(y_rows: Tensor, dy_rows: Tensor) -> Tensor:
+    return y_rows.new_empty(y_rows.shape)
+
+
+# launched as custom ops (triton_utils.guard_derivatives); the Functions below give the derivatives
+guard_derivatives(softmax_rows_fwd)
+guard_derivatives(softmax_rows_bwd)
 
 
 def _shifted(v_rows: Tensor, y_rows: Tensor) -> Tensor:
