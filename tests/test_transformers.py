@@ -208,14 +208,20 @@ def test_batched_greedy_generation_matches_sdpa(model_name: str, cache: str, pad
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=0, atol=1e-5)
 
 
+# Sigmoid's default bias, -log(Tk), depends on how many keys a call has, so a cached step (fewer keys
+# than a full pass, or a static cache's empty slots) is a different computation by definition.
+CACHE_CONSISTENT = ["normattn", "normattn-beta", "normattn-softpick"]
+
+
+@pytest.mark.parametrize("implementation", CACHE_CONSISTENT)
 @pytest.mark.parametrize("model_name", ["llama", "mistral"])
-def test_several_new_tokens_against_a_cache_align_bottom_right(model_name: str) -> None:
+def test_several_new_tokens_against_a_cache_align_bottom_right(model_name: str, implementation: str) -> None:
     """Tq = 4 new tokens after 8 cached ones (Tq != Tk > 1): exactly the last rows of one full pass.
 
     SDPA's top-left ``is_causal`` would let the new tokens see only the first keys; Mistral's
     window then also slides over the cache.
     """
-    model = build(CONFIGS[model_name](), "normattn-beta")
+    model = build(CONFIGS[model_name](), implementation)
     ids, _ = batch(None)
     # the cache goes by position: its keyword is past_key_values in 5.17 and cache in later releases
     cache = DynamicCache(config=model.config)
@@ -224,6 +230,17 @@ def test_several_new_tokens_against_a_cache_align_bottom_right(model_name: str) 
         model(ids[:, :8], None, None, cache)
         continued = model(ids[:, 8:], None, None, cache).logits
     torch.testing.assert_close(continued, full[:, 8:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", CACHE_CONSISTENT[1:])
+def test_cached_generation_equals_recomputation(implementation: str) -> None:
+    """Left-padded greedy generation with a dynamic or static cache equals recomputing every step."""
+    model = build(CONFIGS["llama"](), implementation)
+    ids, attention_mask = batch()
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    recomputed = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), recomputed)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), recomputed)
 
 
 def test_mask_is_left_implicit_only_where_bottom_right_causal_is_exact() -> None:

@@ -24,6 +24,10 @@ How transformers' arguments map onto ``normattn.attention``:
 * Sinks: ``s_aux`` (what gpt-oss passes), else ``module.sinks``; softmax ("normattn") only.
 * Output ``(B, T, H, d)`` and None for the weights, which the kernels never form.
 
+``"normattn-sigmoid"``'s default bias ``-log(Tk)`` counts the keys of each call, padded ones and a
+static cache's empty slots included, so a cached generation step or a padded sequence weighs its keys
+differently from a full pass over the unpadded sequence; the other normalizers do not depend on ``Tk``.
+
 What normattn cannot honour exactly raises a ``ValueError`` naming the argument:
 ``output_attentions``, ``softcap``, ``head_mask``, ``position_bias``, sinks with another normalizer,
 and a float ``attention_mask`` with values other than 0 and -inf (or the dtype's minimum).
