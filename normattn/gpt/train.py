@@ -113,10 +113,6 @@ class Distributed:
     local_rank: int
     world_size: int
 
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
 
 def distributed_from_env() -> Distributed | None:
     """The torchrun environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), or None outside it."""
