@@ -430,6 +430,9 @@ def test_compare_resumes_and_overwrites_every_run(tmp_path, text_file, capsys):
     assert top_cli.main(["compare", *argv, "--max-iters", "2"]) == 0
     folders = [out / "softmax" / f"seed-{seed}" for seed in (1337, 1338)]
     assert "already holds a run" in _error(capsys, "compare", [*argv, "--max-iters", "4"])
+    summaries = [(folder / "summary.json").read_bytes() for folder in folders]
+    assert top_cli.main(["compare", *argv, "--max-iters", "2", "--resume"]) == 0  # nothing left to train
+    assert [(folder / "summary.json").read_bytes() for folder in folders] == summaries
     assert top_cli.main(["compare", *argv, "--max-iters", "4", "--resume"]) == 0
     assert all([r["iter"] for r in _metrics(folder)] == [0, 2, 4] for folder in folders)
     assert top_cli.main(["compare", *argv, "--max-iters", "2", "--overwrite"]) == 0

@@ -218,7 +218,7 @@ def compare(
     first_seed = build_configs(preset, attentions[0], overrides)[1].seed
     seed_list = [first_seed + offset for offset in range(seeds)]
     # Check every run before the first one starts, so a bad value never leaves half the comparison.
-    plans = {}
+    plans, finished = {}, {}
     for name in attentions:
         for seed in seed_list:
             model_config, train_config = build_configs(preset, name, {**overrides, "seed": str(seed)})
@@ -226,13 +226,23 @@ def compare(
             run_options = replace(
                 options, out=folder, resume=options.resume and (folder / "ckpt.pt").is_file()
             )
-            plans[name, seed] = plan_run(model_config, train_config, run_options)
-            plans[name, seed].checkpoint = None  # train() loads it again; keep one in memory at a time
+            plan = plans[name, seed] = plan_run(model_config, train_config, run_options)
+            # A resumed run that had already finished keeps its summary (a rerun would report the
+            # memory and time of a session that trained nothing).
+            finished[name, seed] = (
+                plan.checkpoint is not None
+                and plan.checkpoint["iter_num"] >= train_config.max_iters
+                and (folder / "summary.json").is_file()
+            )
+            plan.checkpoint = None  # train() loads it again; keep one in memory at a time
     first = plans[attentions[0], first_seed]
     for (name, seed), plan in plans.items():
         if options.progress:
-            print(f"== {name}, seed {seed} ==", flush=True)
-        train(plan.model_config, plan.train_config, plan.options)
+            print(
+                f"== {name}, seed {seed}" + (": finished already" * finished[name, seed]) + " ==", flush=True
+            )
+        if not finished[name, seed]:
+            train(plan.model_config, plan.train_config, plan.options)
     m, t = first.model_config, first.train_config
     device = describe_device(first.device)
     source = first.source
