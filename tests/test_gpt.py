@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from normattn.gpt.config import PRESETS, GPTConfig, TrainConfig, UsageError, build_configs
+import normattn
+from normattn.gpt.config import (
+    PRESETS,
+    AttentionVariant,
+    GPTConfig,
+    TrainConfig,
+    UsageError,
+    attention_variants,
+    build_configs,
+    parse_attention,
+)
 from normattn.gpt.model import GPT, sample_next
 from normattn.gpt.train import learning_rate
 
@@ -70,26 +81,37 @@ def test_forward_loss_and_logits_shapes():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def _random_model(attention: str, dtype=torch.float64) -> GPT:
-    normalizer, grad = {
-        "softmax": ("softmax", "exact"),
-        "beta": ("beta", "exact"),
-        "beta-seed": ("beta", "seed"),
-    }[attention]
+def _random_model(attention: str, dtype=torch.float64, **options) -> GPT:
     torch.manual_seed(1)
-    model = GPT(GPTConfig(**{**TINY.__dict__, "normalizer": normalizer, "grad": grad}))
-    with torch.no_grad():  # larger weights than the init, so attention patterns and samples vary
+    variant = parse_attention(attention).__dict__
+    model = GPT(GPTConfig(**{**TINY.__dict__, **variant, **options}))
+    with torch.no_grad():  # larger weights than the init (sinks too), so attention patterns and samples vary
         for p in model.parameters():
             p.normal_(0, 0.3)
     return model.to(dtype).eval()
 
 
-@pytest.mark.parametrize("attention", ["softmax", "beta", "beta-seed"])
+# (attention, GPTConfig options): the beta state, KV caches (windowed, grouped), and sigmoid, which
+# cannot decode incrementally and re-runs the forward.
+GENERATION = [
+    ("softmax", {}),
+    ("beta", {}),
+    ("beta-seed", {}),
+    ("softmax-sinks", {}),
+    ("softpick", {}),
+    ("sigmoid", {}),
+    ("beta", {"n_kv_head": 1}),
+    ("softmax-sinks", {"n_kv_head": 1, "window": 3}),
+    ("beta", {"window": 3}),
+]
+
+
+@pytest.mark.parametrize(("attention", "options"), GENERATION)
 @pytest.mark.parametrize(("prompt", "new"), [(1, 14), (5, 6), (8, 3)])
-def test_cached_generation_gives_the_full_forward_tokens(attention, prompt, new):
+def test_cached_generation_gives_the_full_forward_tokens(attention, options, prompt, new):
     """Decoding with the KV cache / beta state picks the tokens that re-running the forward picks,
     including after the context slides past block_size (8)."""
-    model = _random_model(attention)
+    model = _random_model(attention, **options)
     idx = torch.randint(11, (3, prompt))
     outputs = {}
     for use_cache in (True, False):
@@ -111,16 +133,27 @@ def test_cached_generation_float32():
     assert torch.equal(*tokens)
 
 
-def test_decode_logits_match_forward_logits():
-    for attention in ("softmax", "beta"):
-        model = _random_model(attention)
-        idx = torch.randint(11, (2, 8))
-        full, _ = model(idx, idx)
-        logits, states = model.prefill(idx[:, :3])
-        torch.testing.assert_close(logits, full[:, 2])
-        for t in range(3, 8):
-            logits, states = model.decode(idx[:, t : t + 1], states, position=t)
-            torch.testing.assert_close(logits, full[:, t])
+def test_only_a_normalizer_that_depends_on_the_number_of_keys_decodes_by_full_forward():
+    assert [name for name in attention_variants() if not _random_model(name).decodes_incrementally] == [
+        "sigmoid"
+    ]
+    model = _random_model("sigmoid")
+    with pytest.raises(RuntimeError, match="number of keys"):
+        model.prefill(torch.randint(11, (1, 3)))
+
+
+@pytest.mark.parametrize(
+    ("attention", "options"), [("softmax", {}), ("beta", {}), ("softmax", {"window": 2})]
+)
+def test_decode_logits_match_forward_logits(attention, options):
+    model = _random_model(attention, **options)
+    idx = torch.randint(11, (2, 8))
+    full, _ = model(idx, idx)
+    logits, states = model.prefill(idx[:, :3])
+    torch.testing.assert_close(logits, full[:, 2])
+    for t in range(3, 8):
+        logits, states = model.decode(idx[:, t : t + 1], states, position=t)
+        torch.testing.assert_close(logits, full[:, t])
 
 
 def test_sample_next_top_k_and_greedy():
@@ -134,16 +167,31 @@ def test_sample_next_top_k_and_greedy():
 # Configs.
 
 
-def test_presets_match_the_note():
-    note = PRESETS["shakespeare-char"]
-    assert (note.model.n_layer, note.model.n_head, note.model.n_embd, note.model.block_size) == (
-        6,
-        6,
-        384,
-        256,
-    )
-    assert note.model.dropout == 0.2 and note.model.bias is False
-    t = note.train
+def test_shakespeare_char_preset_is_nanogpts_model(monkeypatch):
+    """nanoGPT's config/train_shakespeare_char.py: 6 x 6 x 384, context 256, bias off, and dropout 0.2
+    on the residual stream and on the attention weights alike, for every attention layer."""
+    preset = PRESETS["shakespeare-char"]
+    m = preset.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias) == (6, 6, 384, 256, False)
+    assert (m.n_kv_head, m.window, m.sinks, m.dropout, m.attention_dropout) == (None, None, False, 0.2, 0.2)
+    model = GPT(replace(m, vocab_size=65, n_layer=2, n_embd=48))  # narrower: the same dropout wiring
+    dropouts = {
+        name: module.p for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)
+    }
+    assert set(dropouts.values()) == {0.2} and len(dropouts) == 1 + 2 * 2  # embedding, attention, MLP
+    seen = []
+    attention = normattn.nn.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(normattn.nn, "attention", spy)
+    idx = torch.randint(65, (1, 16))
+    model.train()(idx, idx)
+    model.eval()(idx, idx)
+    assert seen == [0.2, 0.2, 0.0, 0.0]
+    t = preset.train
     assert (t.batch_size, t.learning_rate, t.min_lr, t.warmup_iters) == (64, 1e-3, 1e-4, 100)
     assert (t.lr_decay_iters, t.max_iters, t.beta2, t.eval_interval, t.eval_iters) == (
         5000,
@@ -152,7 +200,7 @@ def test_presets_match_the_note():
         250,
         200,
     )
-    assert note.reference == {"softmax": (0.7140, 1.6204), "beta": (1.0040, 1.5550)}
+    assert preset.reference == {"softmax": (0.7140, 1.6204), "beta": (1.0040, 1.5550)}
     for preset in PRESETS.values():
         preset.model.validate()
         preset.train.validate()
@@ -192,11 +240,28 @@ def test_overrides_are_typed():
         ({"dtype": "int8"}, "dtype"),
         ({"eval_interval": "0"}, "eval_interval"),
         ({"n_layers": "2"}, "unknown config field"),
+        ({"n_kv_head": "3"}, "divisible by n_kv_head"),
+        ({"n_kv_head": "0"}, "n_kv_head"),
+        ({"window": "0"}, "window"),
+        ({"attn_dropout": "1"}, "attn_dropout"),
+        ({"normalizer": "beta", "sinks": "true"}, "no attention sinks"),
+        ({"normalizer": "relu"}, "normalizer must be one of softmax, beta"),
     ],
 )
 def test_bad_overrides(overrides, message):
     with pytest.raises(UsageError, match=message):
         build_configs("shakespeare-char-cpu", None, overrides)
+
+
+def test_attention_names_come_from_the_normalizer_registry(monkeypatch):
+    assert list(attention_variants()) == [*normattn.NORMALIZERS, "beta-seed", "softmax-sinks"]
+    assert parse_attention("softmax-sinks") == AttentionVariant("softmax", sinks=True)
+    assert parse_attention("beta-seed") == AttentionVariant("beta", grad="seed")
+    monkeypatch.setitem(normattn.NORMALIZERS, "sigmoid-shifted", normattn.normalizers.sigmoid(bias=-2.0))
+    model, _ = build_configs("shakespeare-char-cpu", "sigmoid-shifted")
+    assert model.normalizer == "sigmoid-shifted" and model.attention == "sigmoid-shifted"
+    model, _ = build_configs("shakespeare-char-cpu", "softmax-sinks", {"n_kv_head": "2", "window": "16"})
+    assert (model.sinks, model.n_kv_head, model.window, model.attention) == (True, 2, 16, "softmax-sinks")
 
 
 def test_unknown_preset_and_attention():

@@ -1,10 +1,13 @@
-"""Training end to end on a small synthetic text: learning, exact resume, DDP, CLI, sample, compare."""
+"""Training end to end on a small synthetic text: learning, exact resume, DDP, compile, CLI, sample,
+compare."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import socket
+import statistics
 import sys
 from pathlib import Path
 
@@ -13,9 +16,9 @@ import torch
 
 from normattn import cli as top_cli
 from normattn.gpt import cli as gpt_cli
-from normattn.gpt import train as train_module
+from normattn.gpt.checkpoint import load_checkpoint
 from normattn.gpt.config import UsageError, build_configs
-from normattn.gpt.train import RunOptions, load_checkpoint, train
+from normattn.gpt.train import RunOptions, train
 
 TINY = {
     "n_layer": "2",
@@ -77,7 +80,9 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("attention", ["softmax", "beta", "beta-seed"])
+@pytest.mark.parametrize(
+    "attention", ["softmax", "beta", "beta-seed", "softmax-sinks", "sigmoid", "softpick"]
+)
 def test_loss_falls_and_the_run_folder_is_complete(tmp_path, text_file, attention, capsys):
     out = tmp_path / attention
     result = _train(
@@ -99,7 +104,8 @@ def test_loss_falls_and_the_run_folder_is_complete(tmp_path, text_file, attentio
     assert checkpoint["iter_num"] == 40 and all(t.device.type == "cpu" for t in checkpoint["model"].values())
     best = load_checkpoint(out / "best.pt")
     assert best["best_val_loss"] == min(r["val_loss"] for r in rows) == result.summary["best_val_loss"]
-    # The trained model samples through the CLI (beta: the recurrent state; softmax: the KV cache).
+    # The trained model samples through the CLI (beta: the recurrent state; sigmoid: the full forward;
+    # the others: the KV cache).
     assert (
         gpt_cli.main("sample", ["--ckpt", str(out), "--prompt", "the ", "--tokens", "30", "--device", "cpu"])
         == 0
@@ -109,8 +115,8 @@ def test_loss_falls_and_the_run_folder_is_complete(tmp_path, text_file, attentio
 
 
 def test_resume_is_bitwise_exact(tmp_path, text_file):
-    """2N iterations in one go == N, then resumed for N more: the same losses to the bit (dropout on,
-    so the random states must be restored too)."""
+    """2N iterations in one go == N, then resumed for N more: the same losses to the bit (dropout on
+    the residual stream and the attention weights, so the random states must be restored too)."""
     settings = {"dropout": "0.1", "eval_interval": "4", "lr_decay_iters": "12", "learning_rate": "5e-3"}
     full = _train(tmp_path / "full", text_file, max_iters=12, **settings)
     first = _train(tmp_path / "split", text_file, max_iters=6, **settings)
@@ -128,6 +134,8 @@ def test_resume_is_bitwise_exact(tmp_path, text_file):
         )
     a, b = (load_checkpoint(p / "ckpt.pt") for p in (tmp_path / "full", tmp_path / "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # What the run draws from, and nothing else: torch's generators (dropout) and the batch sampler's.
+    assert [set(state) for state in b["rng"]] == [{"torch", "cuda", "data"}]
 
 
 def test_a_killed_run_loses_only_the_work_since_its_checkpoint(tmp_path, text_file, monkeypatch):
@@ -162,7 +170,7 @@ def test_checkpoint_write_is_atomic(tmp_path, text_file, monkeypatch):
         Path(path).write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module.torch, "save", crash_mid_write)
+    monkeypatch.setattr(torch, "save", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         _train(out, text_file, max_iters=8, eval_interval=4, resume=True)
     assert (out / "ckpt.pt").read_bytes() == before
@@ -185,6 +193,34 @@ def test_distributed_code_path_single_process_gloo(tmp_path, text_file, monkeypa
     torch.testing.assert_close(ddp.step_losses, plain.step_losses, rtol=1e-6, atol=0)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 1
     assert len(load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["rng"]) == 1
+
+
+def test_compile_trains_to_the_eager_losses(tmp_path, text_file, monkeypatch):
+    """``normattn train --compile true`` on the CPU: torch.compile of the model, the losses of the
+    uncompiled run from the same seed (to rounding: compiled kernels may order sums differently)."""
+    import torch._inductor.config
+
+    # Compiling in this process: a pool of compile workers costs more than it saves on 2 cores.
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    tiny = {**TINY, "n_layer": "1", "eval_iters": "1", "max_iters": "3", "eval_interval": "3"}
+    _train(tmp_path / "eager", text_file, **tiny)
+    torch._dynamo.reset()
+    argv = [arg for name, value in tiny.items() for arg in (f"--{name}", value)]
+    argv += ["--preset", "shakespeare-char-cpu", "--data", str(text_file), "--device", "cpu"]
+    argv += ["--out", str(tmp_path / "compiled"), "--no-progress", "--compile", "true"]
+    assert top_cli.main(["train", *argv]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["train"]["compile"] is True
+    compiled_rows, eager_rows = _metrics(tmp_path / "compiled"), _metrics(tmp_path / "eager")
+    assert [r["iter"] for r in compiled_rows] == [r["iter"] for r in eager_rows] == [0, 3]
+    for compiled, plain in zip(compiled_rows, eager_rows, strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert math.isfinite(compiled[key]) and abs(compiled[key] - plain[key]) <= 1e-4, (
+                key,
+                compiled,
+                plain,
+            )
+    assert eager_rows[1]["train_loss"] != eager_rows[0]["train_loss"]  # the three steps did train
 
 
 @pytest.fixture(scope="module")
@@ -318,28 +354,89 @@ def test_compare_errors_write_nothing(tmp_path, text_file, capsys):
     assert "unknown attention 'relu'" in _error(capsys, "compare", [*base, "--attentions", "softmax,relu"])
     assert "names an attention twice" in _error(capsys, "compare", [*base, "--attentions", "beta,beta"])
     assert "n_layer must be" in _error(capsys, "compare", [*base, "--n_layer", "0"])
+    assert "--seeds must be >= 1" in _error(capsys, "compare", [*base, "--seeds", "0"])
     assert not out.exists()
 
 
-def test_compare_writes_the_table_and_the_plot(tmp_path, text_file, capsys):
-    out = tmp_path / "cmp"
+def _compare_argv(out: Path, text_file: Path, attentions: str, *extra: str) -> list[str]:
     tiny = [arg for name, value in TINY.items() for arg in (f"--{name}", value)]
-    argv = ["--preset", "shakespeare-char-cpu", "--attentions", "beta-seed,softmax", "--max-iters", "4"]
-    argv += ["--data", str(text_file), "--out", str(out), "--device", "cpu", "--eval_interval", "2"]
-    argv += ["--no-progress", *tiny]
+    argv = ["--preset", "shakespeare-char-cpu", "--attentions", attentions, "--data", str(text_file)]
+    return [
+        *argv,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--eval_interval",
+        "2",
+        "--no-progress",
+        *tiny,
+        *extra,
+    ]
+
+
+def _table_rows(table: str, heading: str) -> list[list[str]]:
+    """The cells of the markdown table that follows the line starting with ``heading``."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading)) + 4  # blank, header, rule
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_compare_with_seeds_reports_mean_and_std(tmp_path, text_file, capsys):
+    out = tmp_path / "cmp"
+    argv = _compare_argv(out, text_file, "beta-seed,softmax", "--max-iters", "4", "--seeds", "2")
     assert top_cli.main(["compare", *argv]) == 0
     table = (out / "compare.md").read_text()
     assert table.strip() in capsys.readouterr().out
-    rows = [
-        line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| attention")
+    assert f"Command: `normattn compare {' '.join(argv)}`" in table
+    summaries = {
+        (name, seed): json.loads((out / name / f"seed-{seed}" / "summary.json").read_text())
+        for name in ("beta-seed", "softmax")
+        for seed in (1337, 1338)
+    }
+    assert all(s["iters"] == 4 and s["seed"] == seed for (_, seed), s in summaries.items())
+    assert summaries["softmax", 1337]["final_val_loss"] != summaries["softmax", 1338]["final_val_loss"]
+    means = _table_rows(table, "Per attention")
+    assert [row[:2] for row in means] == [["beta-seed", "2"], ["softmax", "2"]]
+    for row in means:
+        values = [summaries[row[0], seed]["final_val_loss"] for seed in (1337, 1338)]
+        assert row[2] == f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    assert [means[0][-1], means[1][-1]] == ["-", "1.6204"]  # the write-up's softmax val loss
+    every_run = _table_rows(table, "Every run")
+    assert [row[:2] for row in every_run] == [
+        ["beta-seed", "1337"],
+        ["beta-seed", "1338"],
+        ["softmax", "1337"],
+        ["softmax", "1338"],
     ]
-    assert [row.split("|")[1].strip() for row in rows] == ["beta-seed", "softmax"]
-    assert rows[0].endswith("| - | - |") and rows[1].endswith("| 0.7140 | 1.6204 |")
-    assert "MiB" in rows[0] and "custom text `words.txt`" in table
+    assert (
+        every_run[2][3] == f"{summaries['softmax', 1337]['final_val_loss']:.4f}" and "MiB" in every_run[0][6]
+    )
+    assert "custom text `words.txt`" in table
     assert (out / "compare.png").stat().st_size > 1000
-    summaries = json.loads((out / "compare.json").read_text())
-    assert set(summaries) == {"softmax", "beta-seed"}
-    assert all(s["iters"] == 4 for s in summaries.values())
+    report = json.loads((out / "compare.json").read_text())
+    assert [a["attention"] for a in report["attentions"]] == ["beta-seed", "softmax"]
+    assert len(report["runs"]) == 4
+
+
+def test_compare_resumes_and_overwrites_every_run(tmp_path, text_file, capsys):
+    out = tmp_path / "cmp"
+    argv = _compare_argv(out, text_file, "softmax", "--seeds", "2")
+    assert top_cli.main(["compare", *argv, "--max-iters", "2"]) == 0
+    folders = [out / "softmax" / f"seed-{seed}" for seed in (1337, 1338)]
+    assert "already holds a run" in _error(capsys, "compare", [*argv, "--max-iters", "4"])
+    summaries = [(folder / "summary.json").read_bytes() for folder in folders]
+    assert top_cli.main(["compare", *argv, "--max-iters", "2", "--resume"]) == 0  # nothing left to train
+    assert [(folder / "summary.json").read_bytes() for folder in folders] == summaries
+    assert top_cli.main(["compare", *argv, "--max-iters", "4", "--resume"]) == 0
+    assert all([r["iter"] for r in _metrics(folder)] == [0, 2, 4] for folder in folders)
+    assert top_cli.main(["compare", *argv, "--max-iters", "2", "--overwrite"]) == 0
+    assert all([r["iter"] for r in _metrics(folder)] == [0, 2] for folder in folders)
 
 
 def test_usage_error_is_what_the_api_raises(tmp_path, text_file):

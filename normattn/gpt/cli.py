@@ -11,7 +11,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ATTENTIONS, PRESETS, GPTConfig, TrainConfig, UsageError, build_configs, field_names
+from .config import (
+    PRESETS,
+    GPTConfig,
+    TrainConfig,
+    UsageError,
+    attention_variants,
+    build_configs,
+    field_names,
+)
 
 DEFAULT_PRESET = "shakespeare-char"
 
@@ -22,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {', '.join(PRESETS)}")
+    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"{presets} (default: {DEFAULT_PRESET})")
     parser.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
@@ -46,7 +55,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 def _train_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="normattn train", description="Train a character-level GPT.", allow_abbrev=False)
     parser.add_argument(
-        "--attention", default=None, help=f"one of {', '.join(ATTENTIONS)} (default: the preset's)"
+        "--attention", default=None, help=f"one of {', '.join(attention_variants())} (default: the preset's)"
     )
     parser.add_argument("--out", default=None, help="run folder (default: runs/<preset>/<attention>)")
     _common(parser)
@@ -57,7 +66,17 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="normattn compare", description="Train one GPT per attention and compare.", allow_abbrev=False
     )
-    parser.add_argument("--attentions", default=",".join(ATTENTIONS), help="comma-separated attentions")
+    parser.add_argument(
+        "--attentions",
+        default=",".join(attention_variants()),
+        help=f"comma-separated, from {', '.join(attention_variants())} (default: all)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train each attention with this many seeds (seed, seed+1, ...) and report mean and std",
+    )
     parser.add_argument("--out", default=None, help="folder (default: runs/compare-<preset>)")
     _common(parser)
     return parser
@@ -110,14 +129,19 @@ def _train(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
-    from .compare import compare
+    try:
+        from .compare import compare
+    except ImportError as e:
+        raise UsageError(f"compare needs pandas and matplotlib ({e}): pip install 'normattn[plot]'") from None
 
     args = _compare_parser().parse_args(argv)
     attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
     out = Path(args.out) if args.out else Path("runs") / f"compare-{args.preset}"
     options = _run_options(args, out)
     command = "normattn compare " + shlex.join(argv)
-    text = compare(args.preset, attentions, _overrides(args), options, command=command.strip())
+    text = compare(
+        args.preset, attentions, _overrides(args), options, command=command.strip(), seeds=args.seeds
+    )
     print(text)
     return 0
 

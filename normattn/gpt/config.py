@@ -13,14 +13,30 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..functional import ATTENTION_BACKENDS
+from ..normalizers import NORMALIZERS
 
-# The names a run is known by: a normalizer and a gradient mode (docs/math.md, section 10 for "seed").
-ATTENTIONS: dict[str, tuple[str, str]] = {
-    "softmax": ("softmax", "exact"),
-    "beta": ("beta", "exact"),
-    "beta-seed": ("beta", "seed"),
-}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """What an attention name stands for: the normalizer and how the model uses it."""
+
+    normalizer: str
+    grad: str = "exact"  # "seed": the beta-attention write-up's shortcut gradient (docs/math.md, section 10)
+    sinks: bool = False  # learnable per-head sink logits (softmax)
+
+
+def attention_variants() -> dict[str, AttentionVariant]:
+    """The names a run is known by: every registered normalizer, plus ``beta-seed`` and ``softmax-sinks``.
+
+    Read from the registry on each call, so a normalizer registered at run time is a valid name too.
+    """
+    return {
+        **{name: AttentionVariant(name) for name in NORMALIZERS},
+        "beta-seed": AttentionVariant("beta", grad="seed"),
+        "softmax-sinks": AttentionVariant("softmax", sinks=True),
+    }
 
 
 class UsageError(Exception):
@@ -31,34 +47,52 @@ class UsageError(Exception):
 class GPTConfig:
     n_layer: int = 6
     n_head: int = 6
+    # Key/value heads (grouped-query attention when fewer than n_head); None: n_head.
+    n_kv_head: int | None = None
     n_embd: int = 384
     block_size: int = 256
     # None: the vocabulary size of the data (a larger value pads the embedding, as nanoGPT does).
     vocab_size: int | None = None
     dropout: float = 0.0
+    # Dropout on the attention weights; None: ``dropout`` (nanoGPT uses one p for both).
+    attn_dropout: float | None = None
+    # Causal sliding window: each position sees itself and the window - 1 before it; None: all of them.
+    window: int | None = None
     bias: bool = False
     normalizer: str = "softmax"
     grad: str = "exact"
+    sinks: bool = False
     backend: str = "auto"
 
     @property
     def attention(self) -> str:
-        return attention_name(self.normalizer, self.grad)
+        return attention_name(AttentionVariant(self.normalizer, self.grad, self.sinks))
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     def validate(self) -> GPTConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             _at_least(name, getattr(self, name), 1)
-        if self.vocab_size is not None:
-            _at_least("vocab_size", self.vocab_size, 1)
+        for name in ("vocab_size", "n_kv_head", "window"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
         if self.n_embd % self.n_head:
             raise UsageError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        _one_of("normalizer", self.normalizer, ("softmax", "beta"))
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise UsageError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UsageError(f"{name} must be in [0, 1), got {value!r}")
+        _one_of("normalizer", self.normalizer, tuple(NORMALIZERS))
         _one_of("grad", self.grad, ("exact", "seed"))
         _one_of("backend", self.backend, ATTENTION_BACKENDS)
         if self.grad == "seed" and self.normalizer != "beta":
             raise UsageError(f"grad 'seed' needs normalizer 'beta', got {self.normalizer!r}")
+        if self.sinks and not NORMALIZERS[self.normalizer].sinks:
+            raise UsageError(f"normalizer {self.normalizer!r} takes no attention sinks")
         if self.backend == "triton-linear" and self.normalizer != "beta":
             raise UsageError(f"backend 'triton-linear' computes beta attention only, not {self.normalizer!r}")
         return self
@@ -124,14 +158,16 @@ class Preset:
     description: str
     model: GPTConfig
     train: TrainConfig
-    # The second note's numbers for this preset (the beta-attention write-up): attention -> (train, val).
+    # The beta-attention write-up's final losses for this preset: attention -> (train, val).
     reference: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
-    # nanoGPT's config/train_shakespeare_char.py, run for 10000 iterations as in the second note.
+    # nanoGPT's config/train_shakespeare_char.py (its model exactly: dropout 0.2 on the attention
+    # weights and the residual stream), run for 10000 iterations as the beta-attention write-up did.
     "shakespeare-char": Preset(
-        description="the note's nanoGPT run: 6 layers x 6 heads x 384, context 256, 10000 iterations (GPU)",
+        description="nanoGPT's Tiny Shakespeare model, 6 layers x 6 heads x 384, context 256, "
+        "10000 iterations as in the beta-attention write-up (GPU)",
         model=GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False),
         train=TrainConfig(
             batch_size=64,
@@ -164,11 +200,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def attention_name(normalizer: str, grad: str) -> str:
-    for name, pair in ATTENTIONS.items():
-        if pair == (normalizer, grad):
+def attention_name(variant: AttentionVariant) -> str:
+    for name, known in attention_variants().items():
+        if known == variant:
             return name
-    return f"{normalizer}-{grad}"
+    return f"{variant.normalizer}-{variant.grad}" + ("-sinks" * variant.sinks)
 
 
 def get_preset(name: str) -> Preset:
@@ -177,10 +213,11 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def parse_attention(name: str) -> tuple[str, str]:
-    if name not in ATTENTIONS:
-        raise UsageError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTIONS)}")
-    return ATTENTIONS[name]
+def parse_attention(name: str) -> AttentionVariant:
+    variants = attention_variants()
+    if name not in variants:
+        raise UsageError(f"unknown attention {name!r}; choose one of {', '.join(variants)}")
+    return variants[name]
 
 
 def field_names(cls: type) -> list[str]:
@@ -256,8 +293,7 @@ def build_configs(
     preset = get_preset(preset_name)
     model_config, train_config = preset.model, preset.train
     if attention is not None:
-        normalizer, grad = parse_attention(attention)
-        model_config = dataclasses.replace(model_config, normalizer=normalizer, grad=grad)
+        model_config = dataclasses.replace(model_config, **dataclasses.asdict(parse_attention(attention)))
     overrides = overrides or {}
     unknown = set(overrides) - set(field_names(GPTConfig)) - set(field_names(TrainConfig))
     if unknown:

@@ -2,9 +2,10 @@
 
 Tiny Shakespeare is looked for in this order: ``--data PATH``, ``$NORMATTN_DATA_DIR``, the user cache
 directory (``$NORMATTN_CACHE_DIR``, else ``$XDG_CACHE_HOME/normattn``, else ``~/.cache/normattn``),
-and finally downloaded into that cache. Every copy found by name must match the sha256 of MATH.md
-section 6. A file given with ``--data`` may be any UTF-8 text: it is used as it is, and the checksum
-is only reported.
+and finally downloaded into that cache. Every copy found by name must match the sha256 of the
+canonical text (``TINY_SHAKESPEARE_SHA256``, that of char-rnn's ``input.txt``, which nanoGPT and the
+beta-attention write-up train on). A file given with ``--data`` may be any UTF-8 text: it is used
+as it is, and the checksum is only reported.
 
 The text is encoded once, first 90% for training and last 10% for validation, to ``uint16``
 ``train.bin`` / ``val.bin`` plus ``meta.json`` (the vocabulary), in a folder beside the text, or in

@@ -5,10 +5,12 @@ the residual stream), a final LayerNorm, and an output head tied to the token em
 Initialisation follows nanoGPT: N(0, 0.02) everywhere, zero biases, and the projections into the
 residual stream (``c_proj``) scaled by ``1 / sqrt(2 n_layer)``.
 
-Generation decodes incrementally: a key/value cache per layer for softmax, the constant-size beta
-state (docs/math.md, section 9) for beta. Past ``block_size`` tokens the window slides, which moves every
-position embedding, so the state is rebuilt from the last ``block_size`` tokens each step: the tokens
-are the ones a full forward over that window gives.
+Generation decodes incrementally where the attention allows it (``normattn.nn.Attention``): the
+constant-size beta state (docs/math.md, section 9) for causal beta without a window, a key/value
+cache (of the last ``window`` positions with a sliding window) for the rest; a normalizer that depends
+on the number of keys (``sigmoid``) re-runs the full forward for every token. Past ``block_size``
+tokens the context slides, which moves every position embedding, so the state is rebuilt from the
+last ``block_size`` tokens each step: the tokens are the ones a full forward over that context gives.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class Block(nn.Module):
             causal=True,
             bias=config.bias,
             dropout=config.dropout,
+            attn_dropout=config.attention_dropout,
+            num_kv_heads=config.n_kv_head,
+            window=config.window,
+            sinks=config.sinks,
             backend=config.backend,
             grad=config.grad,
         )
@@ -141,6 +147,10 @@ class GPT(nn.Module):
 
     # Generation.
 
+    @property
+    def decodes_incrementally(self) -> bool:
+        return all(block.attn.decodes_incrementally for block in self.transformer.h)
+
     def prefill(self, idx: Tensor) -> tuple[Tensor, list[Any]]:
         """Run the prompt ``idx (B, T <= block_size)``: last-position logits ``(B, V)`` and the states."""
         x = self._embed(idx)
@@ -173,12 +183,14 @@ class GPT(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T >= 1)``.
 
         ``temperature == 0`` takes the most likely token. ``use_cache=False`` re-runs the full forward
-        on the last ``block_size`` tokens for every new token (the reference the cached path matches).
-        Put the model in ``eval()`` mode first.
+        on the last ``block_size`` tokens for every new token (the reference the cached path matches);
+        it is also what a model whose attention cannot decode incrementally does. Put the model in
+        ``eval()`` mode first.
         """
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"idx must be (batch, tokens) with at least one token, got {tuple(idx.shape)}")
         block_size = self.config.block_size
+        use_cache = use_cache and self.decodes_incrementally
         states: list[Any] | None = None
         for _ in range(max_new_tokens):
             if not use_cache:

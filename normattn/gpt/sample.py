@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import configs_from_checkpoint, load_checkpoint
 from .config import UsageError
 from .data import Vocabulary
 from .model import GPT
-from .train import configs_from_checkpoint, load_checkpoint, resolve_device
+from .train import resolve_device
 
 
 def checkpoint_path(ckpt: str | Path) -> Path:

@@ -3,10 +3,9 @@
 AdamW (weight decay on 2-D weights only), linear warmup then cosine decay to ``min_lr``, gradient
 clipping, bfloat16 autocast on CUDA, train/val loss estimated every ``eval_interval`` iterations and
 at the last one. Each evaluation writes ``ckpt.pt`` (and ``best.pt`` when the validation loss
-improves) atomically, with everything needed to continue: model, optimizer, loss scaler, iteration,
-best validation loss, configs, the data set's identity, the metrics so far and every random state
-(the batch sampler's is the data position). ``resume=True`` continues from it exactly: on the CPU the
-losses are bitwise those of an uninterrupted run.
+improves) atomically, with everything needed to continue (``checkpoint.py``). ``resume=True``
+continues from it exactly: on the CPU the losses are bitwise those of an uninterrupted run.
+``compile=True`` trains and evaluates through ``torch.compile`` of the model.
 
 Evaluation draws the same ``eval_iters`` batches every time from its own generator, so it touches no
 random state the training uses (curves are less noisy, and evaluating more or less often changes
@@ -20,25 +19,30 @@ inside DistributedDataParallel; rank 0 evaluates, logs and writes. Tokens per it
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import random
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .config import GPTConfig, TrainConfig, UsageError, from_dict, to_dict
+from ..bench.memory import peak_memory, reset_peak_memory
+from .checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    random_state,
+    restore_random_state,
+    save_checkpoint,
+    write_json,
+    write_metrics,
+)
+from .config import GPTConfig, TrainConfig, UsageError, to_dict
 from .data import SPLITS, CharDataset, TextSource, describe, load_data
 from .model import GPT
+from .plot import plot_losses
 
-CHECKPOINT_FORMAT = 1
 PLOT_EVERY_S = 60.0
 RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "best.pt", "loss.png", "summary.json")
 
@@ -109,10 +113,6 @@ class Distributed:
     local_rank: int
     world_size: int
 
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
 
 def distributed_from_env() -> Distributed | None:
     """The torchrun environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), or None outside it."""
@@ -126,141 +126,6 @@ def distributed_from_env() -> Distributed | None:
     if not 0 <= rank < world:
         raise UsageError(f"RANK ({rank}) must be in [0, WORLD_SIZE={world})")
     return Distributed(rank, local_rank, world)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by ``train``, loaded onto the CPU; ``UsageError`` for anything else."""
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UsageError(
-            f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e!r}"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a normattn training checkpoint")
-    return payload
-
-
-def check_compatible(
-    checkpoint: dict[str, Any], model_config: GPTConfig, data_sha256: str, path: Path
-) -> None:
-    """Refuse to resume a checkpoint of another model or another text."""
-    saved = checkpoint["model_config"]
-    for name, value in to_dict(model_config).items():
-        if saved.get(name) != value:
-            raise UsageError(
-                f"checkpoint {path} is from another config: {name}={saved.get(name)!r} there, {value!r} here"
-            )
-    if checkpoint["data"]["sha256"] != data_sha256:
-        raise UsageError(
-            f"checkpoint {path} was trained on another text (sha256 {checkpoint['data']['sha256'][:12]}...)"
-        )
-
-
-def _atomic_replace(path: Path, write: Any) -> None:
-    """``write(tmp_path)``, then rename over ``path``: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    _atomic_replace(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    _atomic_replace(
-        path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    )
-
-
-def plot_losses(
-    path: Path, curves: dict[str, list[dict[str, Any]]], title: str, splits: tuple[str, ...]
-) -> bool:
-    """Loss curves, one line per (run, split); False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"train": "--", "val": "-"}
-    for index, (label, rows) in enumerate(curves.items()):
-        color = f"C{index}"
-        for split in splits:
-            points = [(r["iter"], r[f"{split}_loss"]) for r in rows if r.get(f"{split}_loss") is not None]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                name = split if len(curves) == 1 else f"{label} {split}"
-                ax.plot(xs, ys, styles[split], color=color if len(curves) > 1 else None, label=name)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy (nats per character)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _atomic_replace(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
-    return True
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak: CUDA's allocator statistics, or on Linux the process's peak RSS (VmHWM)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory(device: torch.device) -> tuple[int | None, str]:
-    """The peak since ``reset_peak_memory``: bytes and what was measured."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "CUDA allocated"
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak RSS"
-    try:
-        import resource
-    except ImportError:
-        return None, "unavailable"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
-
-
-def _rng_state(data_generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "data": data_generator.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], data_generator: torch.Generator, device: torch.device) -> None:
-    random.setstate(_tuples(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    data_generator.set_state(state["data"])
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 class _Progress:
@@ -422,11 +287,7 @@ def _run(plan: RunPlan) -> RunResult:
         best_iter, metrics = checkpoint["best_iter"], list(checkpoint["metrics"])
         elapsed_before, train_time = checkpoint["elapsed_s"], checkpoint["train_time_s"]
         tokens_seen = checkpoint["tokens_seen"]
-        states = checkpoint["rng"]
-        if rank < len(states):
-            _set_rng_state(states[rank], data_generator, device)
-        else:  # more processes than when saved: the new ones start fresh streams
-            data_generator.manual_seed(cfg.seed + rank + 7919 * start_iter)
+        restore_random_state(checkpoint, rank, data_generator, device, cfg.seed)
     resumed, checkpoint = checkpoint is not None, None  # drop the CPU copy
 
     compiled = torch.compile(model) if cfg.compile else model
@@ -464,7 +325,7 @@ def _run(plan: RunPlan) -> RunResult:
         if options.overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-        _write_json(
+        write_json(
             out / "config.json",
             {
                 **run_info,
@@ -477,7 +338,7 @@ def _run(plan: RunPlan) -> RunResult:
                 "parameters": model.num_parameters(),
             },
         )
-        _write_metrics(out / "metrics.jsonl", metrics)
+        write_metrics(out / "metrics.jsonl", metrics)
         verb = f"resuming at iteration {start_iter}" if start_iter else "training"
         progress.write(
             f"{verb}: {model_config.attention} attention, {model.num_parameters() / 1e6:.2f}M parameters, "
@@ -500,8 +361,8 @@ def _run(plan: RunPlan) -> RunResult:
         compiled.train()
         return losses
 
-    def save_checkpoint(it: int, improved: bool, elapsed: float) -> None:
-        states = [_rng_state(data_generator, device)]
+    def write_checkpoint(it: int, improved: bool, elapsed: float) -> None:
+        states = [random_state(data_generator, device)]
         if dist is not None:
             gathered: list[Any] = [None] * world
             torch.distributed.all_gather_object(gathered, states[0])
@@ -509,7 +370,6 @@ def _run(plan: RunPlan) -> RunResult:
         if not master:
             return
         payload = {
-            "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
@@ -525,9 +385,7 @@ def _run(plan: RunPlan) -> RunResult:
             "train_time_s": train_time,
             "tokens_seen": tokens_seen,
         }
-        _atomic_replace(out / "ckpt.pt", lambda tmp: torch.save(payload, tmp))
-        if improved:
-            _atomic_replace(out / "best.pt", lambda tmp: shutil.copyfile(out / "ckpt.pt", tmp))
+        save_checkpoint(out, payload, improved)
 
     session_start = last_plot = time.perf_counter()
     step_losses: list[float] = []
@@ -570,12 +428,12 @@ def _run(plan: RunPlan) -> RunResult:
                         f"lr {row['lr']:.2e}"
                         + (f", {row['tokens_per_s']:,.0f} tok/s" if row["tokens_per_s"] else "")
                     )
-                save_checkpoint(it, improved, elapsed_before + time.perf_counter() - session_start)
+                write_checkpoint(it, improved, elapsed_before + time.perf_counter() - session_start)
                 if master:
-                    _write_metrics(out / "metrics.jsonl", metrics)
+                    write_metrics(out / "metrics.jsonl", metrics)
                     # The plot is redrawn at the end, and at most once a minute before that.
                     if it >= cfg.max_iters or time.perf_counter() - last_plot > PLOT_EVERY_S:
-                        plot_losses(out / "loss.png", {model_config.attention: metrics}, title, SPLITS)
+                        plot_losses(out / "loss.png", {model_config.attention: [metrics]}, title, SPLITS)
                         last_plot = time.perf_counter()
                 interval_time, interval_tokens = 0.0, 0
             if it >= cfg.max_iters:
@@ -625,6 +483,7 @@ def _run(plan: RunPlan) -> RunResult:
         best_row = next((r for r in metrics if r["iter"] == best_iter), {})
         summary = {
             **{k: v for k, v in run_info.items() if k != "data"},
+            "seed": cfg.seed,
             "iters": it,
             "final_train_loss": final.get("train_loss"),
             "final_val_loss": final.get("val_loss"),
@@ -642,15 +501,5 @@ def _run(plan: RunPlan) -> RunResult:
             "parameters": model.num_parameters(),
             "data_verified": source.verified,
         }
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     return RunResult(out=out, step_losses=step_losses, metrics=metrics, summary=summary)
-
-
-def read_run_config(out: Path) -> dict[str, Any]:
-    return json.loads((out / "config.json").read_text(encoding="utf-8"))
-
-
-def configs_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[GPTConfig, TrainConfig]:
-    return from_dict(GPTConfig, checkpoint["model_config"]), from_dict(
-        TrainConfig, checkpoint["train_config"]
-    )
