@@ -11,12 +11,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import attend, gradcheck, inputs, shape_id
+from helpers import UGLY_SHAPES, attend, gradcheck, inputs, shape_id
 from torch.func import grad, jvp, vjp, vmap
 
 import normattn
 from normattn.normalizers import NORMALIZERS
 from normattn.ops.attention import blockwise
+from normattn.ops.beta_linear import chunk
 from normattn.ops.triton_utils import override_tiles
 
 NAMES = sorted(NORMALIZERS)
@@ -154,17 +155,30 @@ def test_seed_mode_first_derivatives_only(backend):
             torch.func.grad(lambda *a: torch.func.jvp(f, a[:3], a[3:])[1].sum(), argnums=0)(*x, *t)
 
 
-@pytest.mark.parametrize(
-    "shape", [(1, 2, 2, 7, 7, 5, 4), (2, 1, 1, 9, 5, 3, 6), (1, 1, 1, 1, 1, 3, 3)], ids=shape_id
-)
+# Every ugly shape on the reference and torch backends; the interpreted Triton kernels (which pay per
+# launch) take the single-element one and the one with Tq != Tk, a partial tile and dv != d.
+MAP_CASES = [
+    (name, backend, shape)
+    for name in NAMES
+    for backend, shapes in (
+        ("reference", UGLY_SHAPES),
+        ("torch", UGLY_SHAPES),
+        ("triton", (UGLY_SHAPES[0], UGLY_SHAPES[4])),
+    )
+    for shape in shapes
+] + [("beta", "triton-linear", shape) for shape in (UGLY_SHAPES[0], UGLY_SHAPES[4])]
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(
-    ("normalizer", "backend"),
-    [(n, b) for n in NAMES for b in ("reference", "torch", "triton")] + [("beta", "triton-linear")],
-    ids=lambda x: str(x),
+    ("normalizer", "backend", "shape"), MAP_CASES, ids=lambda x: x if isinstance(x, str) else shape_id(x)
 )
-def test_gradcheck_of_the_map_to_output_and_tangent(normalizer, backend, causal, shape):
-    """float64 gradcheck of ``(q, k, v, qd, kd, vd) -> (O, Od)``: the tangent output's derivatives."""
+def test_gradcheck_of_the_map_to_output_and_tangent(normalizer, backend, causal, shape, monkeypatch):
+    """float64 gradcheck of ``(q, k, v, qd, kd, vd) -> (O, Od)`` on the ugly shapes (non-contiguous
+    inputs, ``Tq != Tk``, ``dv != d``): the tangent output's derivatives."""
+    if max(shape[3:5]) > 16:  # tiles that leave a partial tile at every ugly length, but not thousands
+        monkeypatch.setattr(blockwise, "QUERY_BLOCK", 32)
+        monkeypatch.setattr(blockwise, "KEY_BLOCK", 16)
     primals = inputs(shape)
     if NORMALIZERS[normalizer].sinks:
         primals.append(torch.randn(shape[1], dtype=torch.float64))
@@ -176,7 +190,9 @@ def test_gradcheck_of_the_map_to_output_and_tangent(normalizer, backend, causal,
         return torch.func.jvp(f, args[:n], args[n:])
 
     interpreted = backend.startswith("triton")
-    assert gradcheck(output_and_tangent, (*primals, *tangents), interpreted=interpreted, forward_ad=False)
+    tiles = (128, 64) if max(shape[3:5]) > 16 else (16, 16)
+    with override_tiles(*tiles):
+        assert gradcheck(output_and_tangent, (*primals, *tangents), interpreted=interpreted, forward_ad=False)
 
 
 class _Block(torch.nn.Module):
@@ -193,6 +209,27 @@ class _Block(torch.nn.Module):
         q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in self.qkv(x).split(width, -1))
         o = normattn.attention(q, k, v, normalizer=normalizer, causal=True, backend=backend)
         return self.proj(o.transpose(1, 2).reshape(b, t, width))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", ["torch", "triton-linear"])
+def test_linear_beta_gradient_through_the_jvp_with_a_padded_last_chunk(backend, causal):
+    """T = chunk + 1 leaves 63 zero rows in the last chunk: their norm r = 0 must not turn into NaN
+    (sqrt's infinite slope times 0) in the forward-mode pass through the backward."""
+    t = chunk.CHUNK_SIZE + 1
+    primals = inputs((1, 2, 2, t, t, 8, 8))
+    tangents = [torch.randn_like(x) for x in primals]
+    weights = [torch.randn(1, 2, t, 8, dtype=torch.float64) for _ in range(2)]
+
+    def loss_gradients(backend):
+        f = attend(backend, "beta", causal=causal)
+        xs = [x.detach().requires_grad_() for x in (*primals, *tangents)]
+        out, out_dot = jvp(f, tuple(xs[:3]), tuple(xs[3:]))
+        return torch.autograd.grad((out * weights[0]).sum() + (out_dot * weights[1]).sum(), xs)
+
+    for got, want in zip(loss_gradients(backend), loss_gradients("reference"), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(("normalizer", "backend"), CASES, ids=lambda x: str(x))

@@ -152,11 +152,16 @@ def _diagonal_scores(q: Tensor, k: Tensor) -> Tensor:
 
 def _score_norm(q: Tensor, gq_earlier: Tensor, s: Tensor | None) -> Tensor:
     """``r_i = sqrt(q_i^T G_i q_i)`` as ``[..., NC, C, 1]``, from ``G q`` over the earlier keys and the
-    chunk's own scores. ``G`` is positive semi-definite, so a negative sum is rounding: clamp it."""
+    chunk's own scores. ``G`` is positive semi-definite, so a negative sum is rounding: clamp it.
+
+    ``r = 0`` (a zero-padded row of the last chunk, or a query orthogonal to every key) gets tangent 0
+    rather than ``sqrt``'s infinite slope times 0 = NaN: the forward-mode pass through the backward
+    (``tangent_backward``) differentiates this, and a padded row's NaN would reach ``dk, dv``."""
     squared = _rowdot(gq_earlier, q)
     if s is not None:
         squared += (s * s).sum(-1, keepdim=True)
-    return squared.clamp_min_(0).sqrt_()
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
 
 
 def _norm_term_coefficient(r: Tensor, exact: bool) -> Tensor:
