@@ -34,9 +34,11 @@ compare: install
 	$(BIN)/normattn compare --preset shakespeare-char-cpu --overwrite
 
 # GPU work (README, "GPU"). gpu-static needs no GPU: it compiles every kernel specialization of a
-# covering set for sm_90 here and fails on spills or too much shared memory.
+# covering set for sm_90 here and fails on spills or too much shared memory. It reuses each row of the
+# committed docs/results/gpu-static/static.csv whose key (kernel source hash, specialization with its
+# tiles, Triton and ptxas versions) is unchanged and compiles only the rest; FRESH=1 recompiles all.
 gpu-static: install
-	$(BIN)/python -m tools.gpu_static --out docs/results/gpu-static
+	$(BIN)/python -m tools.gpu_static --out docs/results/gpu-static $(if $(filter 1,$(FRESH)),--fresh)
 
 # On a lent GPU machine (its own python3, torch and Triton; no .venv, no .git): OUT=dir, at most 8 files.
 # DRY_RUN=1 runs every stage on the CPU through the Triton interpreter (CI). COMMIT names the commit

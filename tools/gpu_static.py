@@ -13,10 +13,17 @@ spill stores and loads; Triton's metadata gives the dynamic shared memory.
 Which calls: ``covering_set`` (its docstring says how they are chosen). Every ``*_kernel`` of
 ``normattn.ops`` must be launched by some call, so a new kernel without a case fails the check.
 
-Fails (exit 1) on any spill, any shared memory above 227 KiB (the most one block may opt into on
-an H100 or H200), a compile error, or a kernel no case launches. Writes ``static.md`` and
-``static.csv`` to ``--out``. Triton 3.9's bundled ptxas (CUDA 13) compiles here; the lent GPU
-machine has Triton 3.6, whose ptxas may allocate registers differently.
+Fails (exit 1) on any spill or any shared memory above 227 KiB (the most one block may opt into on
+an H100 or H200) outside ``KNOWN_PROBLEMS``, on a known problem that no longer fails, on a compile
+error, or on a kernel no case launches. Writes ``static.md`` and ``static.csv`` to ``--out``.
+
+Reuse: a row of the earlier ``static.csv`` whose key is the spec's (``Spec.key``: Triton's hash of the
+kernel's source and everything it calls, line numbers included; the specialization with its tiles,
+constexprs and launch options; the Triton and ptxas versions) gives its usage without a compile, so
+``make gpu-static`` (and CI) compiles only what changed; ``--fresh`` compiles everything. A run whose
+table says what the earlier one said leaves both files untouched. Triton 3.9's bundled ptxas (CUDA
+13) compiles here; the lent GPU machine has Triton 3.6, whose ptxas may allocate registers
+differently.
 """
 
 from __future__ import annotations
@@ -71,14 +78,26 @@ FLASH_KERNELS = {"_fwd_kernel": "fwd", "_jvp_kernel": "jvp", "_dkdv_kernel": "dk
 # Rows of the tile table (kernel kind, 4/8-byte operands, the row's largest head dim) that no tile
 # the table may hold fixes under Triton 3.9 for sm_90: tried down to 16 x 16 with 2 to 16 warps and
 # 1 to 3 stages, with every feature on (docs/results/gpu-static/tiles.md). Their kernels need a
-# change (fewer tiles alive at once, or the head dim in chunks), not a tile. Their specializations
-# read "known: ..." and do not fail the check; a row here where nothing fails any more does.
+# change (fewer tiles alive at once, or the head dim in chunks), not a tile. ("dq", True, 128): fp32
+# is clean at 16 x 32, but fp64 sigmoid spills 28 B there, and every smaller tile spills for some
+# normalizer in fp32 or fp64. Their specializations read "known: ..." and do not fail the check; a
+# row here where nothing fails any more does.
 KNOWN_PROBLEM_ROWS = {
     ("tangent_dkdv", False, 256), ("tangent_dq", False, 256),
-    ("fwd", True, 256), ("jvp", True, 128), ("jvp", True, 256), ("dkdv", True, 256), ("dq", True, 256),
-    ("tangent_dkdv", True, 128), ("tangent_dkdv", True, 256),
+    ("fwd", True, 256), ("jvp", True, 128), ("jvp", True, 256), ("dq", True, 128), ("dkdv", True, 256),
+    ("dq", True, 256), ("tangent_dkdv", True, 128), ("tangent_dkdv", True, 256),
     ("tangent_dq", True, 128), ("tangent_dq", True, 256),
 }  # fmt: skip
+# The chunked beta kernels (kernel, 4/8-byte operands, head dim) that spill with the launch shapes of
+# triton_chunk.FWD_LAUNCH/BWD_LAUNCH: the causal backward at head dims padded within a feature tile
+# (2-byte at 24 and 72, 4/8-byte at 40: 16 to 170 B at 255 registers; dims that fill their tiles,
+# 16 to 256, are clean) and the fp32 forward at 72 (60 B). Narrower tiles or fewer stages move the
+# spill to other dims rather than remove it.
+KNOWN_LINEAR_PROBLEMS = {
+    ("_beta_chunk_bwd_kernel", False, 24), ("_beta_chunk_bwd_kernel", False, 72),
+    ("_beta_chunk_bwd_kernel", True, 40), ("_beta_chunk_fwd_kernel", True, 72),
+}  # fmt: skip
+KNOWN_PROBLEMS = KNOWN_PROBLEM_ROWS | KNOWN_LINEAR_PROBLEMS
 LINEAR_OPS = ("forward", "backward", "jvp")
 # Feature names of a call; which normalizer accepts "sinks" and "seed" is asked of the library.
 FEATURES = ("mask", "dropout", "gqa", "sinks", "seed")
@@ -103,17 +122,26 @@ class Case:
     rows: tuple[int, int] = (0, 0)
 
     @property
-    def label(self) -> str:
-        parts = [self.family, self.op, self.normalizer, self.dtype]
-        if self.family in ("flash", "linear", "decode"):
-            parts.append(
-                f"d={self.head_dim}" + (f"/{self.value_dim}" if self.value_dim != self.head_dim else "")
-            )
+    def dims(self) -> str:
+        """``d`` or ``d/dv`` (query/key and value head dims); empty for the row kernels."""
+        if self.family == "rows":
+            return ""
+        return str(self.head_dim) + (f"/{self.value_dim}" if self.value_dim != self.head_dim else "")
+
+    @property
+    def variant(self) -> str:
+        """What else the call switches on: its features, causal or full (linear), the row shape."""
+        parts = []
         if self.family == "linear":
             parts.append("causal" if self.causal else "full")
         if self.family == "rows":
             parts.append("x".join(map(str, self.rows)))
-        return " ".join([p for p in parts if p] + list(self.features))
+        return "+".join(parts + list(self.features)) or "-"
+
+    @property
+    def label(self) -> str:
+        parts = [self.family, self.op, self.normalizer, self.dtype, f"d={self.dims}" if self.dims else ""]
+        return " ".join([p for p in parts if p] + ([] if self.variant == "-" else [self.variant]))
 
 
 @dataclass
@@ -254,8 +282,9 @@ def covering_set() -> list[Case]:
     these cases, so every op sees each of them, with features and without, and every dtype. Once:
     the gradient of the JVP's output without the tangents' gradients. The band (causal, windows) is
     a run-time argument: no case of its own. Linear-time beta, per op: bf16 causal at d=128, fp16
-    full attention at d=80 (value dim 64), fp32 causal at d=256 with the seed gradient where it
-    applies, fp64 at d=24. Decode: d = 64 (bf16), 80/40 (fp16), 128 (fp64), 256 (fp32). Row
+    full attention at d=80 (value dim 64), bf16 causal at d=24 and 72 (padded within a feature
+    tile), fp32 causal at d=256 with the seed gradient where it applies and at d=40 and 72, fp64
+    causal at d=24 and full at d=128. Decode: d = 64 (bf16), 80/40 (fp16), 128 (fp64), 256 (fp32). Row
     kernels: each row shape in fp32, each other dtype at the several-tile shape.
     """
     from normattn.normalizers import NORMALIZERS
@@ -289,8 +318,13 @@ def covering_set() -> list[Case]:
         cases += [
             Case("linear", op, "base", "beta"),
             Case("linear", op, "fp16, full, masked dims", "beta", "float16", 80, 64, causal=False),
+            Case("linear", op, "padded in one tile", "beta", "bfloat16", 24, 24),
+            Case("linear", op, "padded, several tiles", "beta", "bfloat16", 72, 72),
             Case("linear", op, "fp32, widest, seed", "beta", "float32", 256, 256, features=seed),
+            Case("linear", op, "fp32, padded", "beta", "float32", 40, 40),
+            Case("linear", op, "fp32, padded, several tiles", "beta", "float32", 72, 72),
             Case("linear", op, "fp64, narrow", "beta", "float64", 24, 24),
+            Case("linear", op, "fp64, full", "beta", "float64", 128, 128, causal=False),
         ]
     for d, dv, dtype in (
         (64, 64, "bfloat16"),
@@ -458,20 +492,22 @@ def _flash_launches(case: Case, start_recording: Callable[[], None]) -> None:
 
 
 def _linear_launches(case: Case, start_recording: Callable[[], None]) -> None:
+    """The chunked kernels' launchers themselves: the custom ops around them would take their fake
+    (meta) implementations and launch nothing."""
     from normattn.ops.beta_linear import triton_chunk
 
     problem, q, k, v, *_ = _public_problem(case, "triton-linear")
     tangents = [x.new_empty(x.shape) for x in (q, k, v)]
-    o, r = triton_chunk.forward(
-        problem, q, k, v, None, None, None
-    )  # the saved outputs (recorded by "forward")
+    shape = (problem.scale, problem.causal)
+    chunk, seed = triton_chunk.CHUNK_SIZE, "seed" in case.features
+    o, r = triton_chunk.forward_op(q, k, v, *shape, chunk)  # fake: the saved outputs, no launch
     start_recording()
     if case.op == "forward":
-        triton_chunk.forward(problem, q, k, v, None, None, None)
+        triton_chunk._forward(q, k, v, *shape, chunk)
     elif case.op == "backward":
-        triton_chunk.backward(problem, q, k, v, None, None, None, o, r, o.new_empty(o.shape))
+        triton_chunk._backward(q, k, v, o, r, o.new_empty(o.shape), *shape, seed, chunk)
     else:
-        triton_chunk.jvp(problem, q, k, v, None, None, None, o, r, *tangents, None)
+        triton_chunk._jvp(q, k, v, o, r, *tangents, *shape, seed, chunk)
 
 
 def _decode_launches(case: Case, start_recording: Callable[[], None]) -> None:
@@ -491,6 +527,7 @@ def _decode_launches(case: Case, start_recording: Callable[[], None]) -> None:
 
 
 def _rows_launches(case: Case, start_recording: Callable[[], None]) -> None:
+    """The row kernels' custom ops run their own implementation (``_init_fn``), not the fake one."""
     import torch
 
     from normattn.ops.max_reduce.triton import max_reduce_rows_bwd, max_reduce_rows_fwd
@@ -499,10 +536,10 @@ def _rows_launches(case: Case, start_recording: Callable[[], None]) -> None:
     x = _meta(*case.rows, dtype=getattr(torch, case.dtype))
     start_recording()
     if case.op == "max":
-        values, indices = max_reduce_rows_fwd(x)
-        max_reduce_rows_bwd(values, indices, case.rows[1])
+        values, indices = max_reduce_rows_fwd._init_fn(x)
+        max_reduce_rows_bwd._init_fn(values, indices, case.rows[1])
     else:
-        softmax_rows_bwd(softmax_rows_fwd(x), x)
+        softmax_rows_bwd._init_fn(softmax_rows_fwd._init_fn(x), x)
 
 
 LAUNCHES = {
@@ -664,19 +701,26 @@ def problems(spec: Spec) -> list[str]:
     return found
 
 
+def known_key(spec: Spec) -> tuple[str, bool, int] | None:
+    """Where ``KNOWN_PROBLEMS`` looks a specialization up: its tile-table row (flash kernels), or
+    (kernel, 4/8-byte operands, head dim) for the chunked beta kernels; None for the others."""
+    if spec.case.family == "linear":
+        return _short(spec.kernel), spec.case.dtype not in ("bfloat16", "float16"), spec.case.head_dim
+    return tile_row(spec)
+
+
 def _verdict(spec: Spec) -> str:
     found = problems(spec)
     if not found:
         return "ok"
-    known = tile_row(spec) in KNOWN_PROBLEM_ROWS and "error" not in spec.usage
+    known = known_key(spec) in KNOWN_PROBLEMS and "error" not in spec.usage
     return ("known: " if known else "FAIL (") + ", ".join(found) + ("" if known else ")")
 
 
 def stale_known_rows(specs: list[Spec]) -> list[tuple[str, bool, int]]:
-    """Rows of ``KNOWN_PROBLEM_ROWS`` that the covering set checks and where nothing fails any more."""
-    checked = {tile_row(spec) for spec in specs}
-    failing = {tile_row(spec) for spec in specs if problems(spec)}
-    return sorted(row for row in KNOWN_PROBLEM_ROWS if row not in failing or row not in checked)
+    """Entries of ``KNOWN_PROBLEMS`` that no specialization checks, or where nothing fails any more."""
+    failing = {known_key(spec) for spec in specs if problems(spec)}
+    return sorted(row for row in KNOWN_PROBLEMS if row not in failing)
 
 
 # The tile constexprs: shown in the tiles column, and left out of the constexprs column with the
@@ -692,31 +736,45 @@ def _tiles(spec: Spec) -> str:
 
 
 COLUMNS = [
-    "kernel", "case", "rule", "dtype", "head_dim", "constexprs", "tiles", "registers", "spill_stores",
-    "spill_loads", "stack", "shared_bytes", "status", "triton", "key",
+    "kernel", "family", "op", "normalizer", "dtype", "head_dim", "variant", "tiles", "registers",
+    "spill_stores", "spill_loads", "stack", "shared_bytes", "verdict", "rule", "constexprs", "compiler",
+    "key",
 ]  # fmt: skip
+# The markdown leaves out what only the CSV needs (the full constexprs, the compiler, the reuse key).
+MARKDOWN_COLUMNS = [c for c in COLUMNS if c not in ("family", "constexprs", "compiler", "key")]
 
 
-def table_rows(specs: list[Spec], triton_version: str, compiler: str) -> list[dict]:
+def _order(spec: Spec) -> tuple:
+    case = spec.case
+    family = ("flash", "linear", "decode", "rows").index(case.family)
+    dtype = DTYPES.index(case.dtype)
+    return (family, _short(spec.kernel), case.op, dtype, case.head_dim, case.value_dim, case.rows, case.label)
+
+
+def table_rows(specs: list[Spec], compiler: str) -> list[dict]:
+    """One row per specialization, in a fixed order (kernel family, kernel, op, dtype, head dim)."""
     rows = []
-    for spec in sorted(specs, key=lambda s: (s.case.family, _short(s.kernel), s.case.rule, s.case.label)):
+    for spec in sorted(specs, key=_order):
         constants = {k: v for k, v in spec.constants.items() if k not in TILE_NAMES}
         usage = spec.usage
         rows.append({
             "kernel": _short(spec.kernel),
-            "case": spec.case.label,
-            "rule": spec.case.rule,
+            "family": spec.case.family,
+            "op": spec.case.op,
+            "normalizer": spec.case.normalizer or "-",
             "dtype": spec.case.dtype,
-            "head_dim": spec.case.head_dim if spec.case.family != "rows" else "",
-            "constexprs": " ".join(f"{k}={_value(v)}" for k, v in constants.items()),
+            "head_dim": spec.case.dims or "-",
+            "variant": spec.case.variant,
             "tiles": _tiles(spec),
             "registers": usage.get("registers", ""),
             "spill_stores": usage.get("spill_stores", ""),
             "spill_loads": usage.get("spill_loads", ""),
             "stack": usage.get("stack", ""),
             "shared_bytes": usage.get("shared", ""),
-            "status": _verdict(spec),
-            "triton": triton_version,
+            "verdict": _verdict(spec),
+            "rule": spec.case.rule,
+            "constexprs": " ".join(f"{k}={_value(v)}" for k, v in constants.items()),
+            "compiler": compiler,
             "key": spec.key(compiler),
         })  # fmt: skip
     return rows
@@ -745,40 +803,86 @@ def _commit() -> str:
         return "unknown"
 
 
-def write_table(rows: list[dict], out: Path, header: dict[str, str], missing: list[str]) -> tuple[Path, Path]:
-    """``static.csv`` (every row) and ``static.md`` (summary, failures first, then every row)."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "static.csv", out / "static.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    failures = [row for row in rows if row["status"].startswith("FAIL")]
-    known = [row for row in rows if row["status"].startswith("known")]
-    shown = [c for c in COLUMNS if c not in ("triton", "key")]
+# Header entries that change with every compile but say nothing about the kernels: a run whose table
+# differs from the committed one only in these leaves the files alone (a cached run writes nothing).
+VOLATILE = ("git commit", "date", "compiled / reused from the earlier table", "duration")
 
-    def markdown(selected: list[dict]) -> str:
-        lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-        return "\n".join(lines + ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in selected])
 
+def markdown_table(rows: list[dict], columns: list[str] = MARKDOWN_COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows])
+
+
+def render_markdown(rows: list[dict], header: dict[str, str], missing: list[str]) -> str:
+    """static.md: how to read it, the header, failures, known problems, then every row."""
+    failures = [row for row in rows if row["verdict"].startswith("FAIL")]
+    known = [row for row in rows if row["verdict"].startswith("known")]
     parts = [
         "# Static check: the Triton kernels compiled for sm_90 (H100/H200) on a CPU machine",
+        "Written by `make gpu-static` (`tools/gpu_static.py`). Registers, spill bytes and the stack frame "
+        "are `ptxas -v`'s report of Triton's own compile; shared memory is Triton's metadata (dynamic "
+        "shared memory per block). A verdict is `ok`, `known: ...` (one of `KNOWN_PROBLEMS` in "
+        "tools/gpu_static.py, listed below; why in `tiles.md`) or `FAIL (...)`, which fails the make "
+        "target, as does a known problem that no longer fails. `static.csv` "
+        "holds the same rows with every constexpr, the compiler and the key a later run reuses the "
+        "row by.",
         "\n".join(f"- **{key}**: {value}" for key, value in header.items()),
         "## How the specializations are chosen\n\n" + " ".join((covering_set.__doc__ or "").split()),
     ]
     if missing:
         parts.append("## Kernels no case launches\n\n" + "\n".join(f"- `{name}`" for name in missing))
     if failures:
-        parts.append(f"## Failures ({len(failures)})\n\n" + markdown(failures))
+        parts.append(f"## Failures ({len(failures)})\n\n" + markdown_table(failures))
     if known:
         rows_text = ", ".join(
             f"{k} {'4/8' if w else '2'}-byte d<={d}" for k, w, d in sorted(KNOWN_PROBLEM_ROWS)
         )
-        intro = f"Tile rows no tile fixes ({rows_text}); see tiles.md.\n\n"
-        parts.append(f"## Known problems ({len(known)})\n\n" + intro + markdown(known))
-    parts.append(f"## Every specialization ({len(rows)})\n\n" + markdown(rows))
-    md_path.write_text("\n\n".join(parts) + "\n")
-    return csv_path, md_path
+        linear_text = ", ".join(
+            f"{k} {'4/8' if w else '2'}-byte d={d}" for k, w, d in sorted(KNOWN_LINEAR_PROBLEMS)
+        )
+        intro = (
+            f"Flash tile-table rows no tile fixes ({rows_text}; see tiles.md) and chunked beta "
+            f"launches that spill at padded head dims ({linear_text}); `KNOWN_PROBLEMS` in "
+            "tools/gpu_static.py says why.\n\n"
+        )
+        parts.append(f"## Known problems ({len(known)})\n\n" + intro + markdown_table(known))
+    parts.append(f"## Every specialization ({len(rows)})\n\n" + markdown_table(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def render_csv(rows: list[dict]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _stable(markdown: str) -> str:
+    return "\n".join(
+        line for line in markdown.splitlines() if not any(line.startswith(f"- **{k}**") for k in VOLATILE)
+    )
+
+
+def write_table(
+    rows: list[dict], out: Path, header: dict[str, str], missing: list[str], force: bool = False
+) -> bool:
+    """Write ``static.csv`` and ``static.md`` to ``out``, unless both would say what they say already
+    (apart from the ``VOLATILE`` header lines) and not ``force``. True if written."""
+    csv_path, md_path = out / "static.csv", out / "static.md"
+    csv_text, md_text = render_csv(rows), render_markdown(rows, header, missing)
+    if (
+        not force
+        and csv_path.is_file()
+        and md_path.is_file()
+        and csv_path.read_text() == csv_text
+        and _stable(md_path.read_text()) == _stable(md_text)
+    ):
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path.write_text(csv_text)
+    md_path.write_text(md_text)
+    return True
 
 
 def summary(rows: list[dict]) -> dict[str, str]:
@@ -786,17 +890,24 @@ def summary(rows: list[dict]) -> dict[str, str]:
 
     def most(column: str) -> str:
         row = max(compiled, key=lambda r: r[column], default=None)
-        return "-" if row is None else f"{row[column]} ({row['kernel']}, {row['case']})"
+        if row is None:
+            return "-"
+        where = " ".join(row[c] for c in ("kernel", "op", "normalizer", "dtype"))
+        return f"{row[column]} ({where} d={row['head_dim']})"
 
     return {
         "max registers": most("registers"),
-        "spilling specializations": str(sum(1 for r in compiled if r["spill_stores"] or r["spill_loads"])),
-        "max shared memory (bytes)": most("shared_bytes"),
-        "known problems (tile rows no tile fixes)": str(
-            sum(1 for r in rows if r["status"].startswith("known"))
+        "spilling specializations (known ones included)": str(
+            sum(1 for r in compiled if r["spill_stores"] or r["spill_loads"])
         ),
-        "failures": str(sum(1 for row in rows if row["status"].startswith("FAIL"))),
+        "max shared memory (bytes)": most("shared_bytes"),
+        "known problems (KNOWN_PROBLEMS)": str(sum(1 for r in rows if r["verdict"].startswith("known"))),
+        "failures": str(sum(1 for row in rows if row["verdict"].startswith("FAIL"))),
     }
+
+
+def _command(argv: list[str]) -> str:
+    return " ".join(["python -m tools.gpu_static", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -805,8 +916,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)"
     )
-    parser.add_argument("--fresh", action="store_true", help="compile everything, reusing no earlier result")
+    parser.add_argument(
+        "--fresh", action="store_true", help="compile everything, reusing no row of the earlier static.csv"
+    )
     parser.add_argument("--list", action="store_true", help="print the specializations, compile nothing")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     start = time.monotonic()
     use_sm90_driver()
@@ -816,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
     specs, missing = record_specs(cases)
     kernel_count = len({spec.kernel for spec in specs})
     print(f"{len(cases)} cases launch {len(specs)} distinct specializations of {kernel_count} kernels")
+    for name in missing:
+        print(f"FAIL: kernel {name} is launched by no case of the covering set")
     if args.list:
         for spec in sorted(specs, key=_cost):
             print(f"{_short(spec.kernel)} {spec.case.label} [{spec.case.rule}] {_tiles(spec)}")
@@ -824,27 +940,39 @@ def main(argv: list[str] | None = None) -> int:
     compiler = f"triton {triton.__version__}, ptxas {ptxas}, sm_{COMPUTE_CAPABILITY}"
     if not args.fresh:
         reuse(specs, args.out / "static.csv", compiler)
+    reused = sum(1 for spec in specs if spec.reused)
+    print(f"compiling {len(specs) - reused}, reusing {reused} from {args.out / 'static.csv'}", flush=True)
     compile_all(specs, max(1, args.jobs))
-    rows = table_rows(specs, triton.__version__, compiler)
-    compiled = sum(1 for spec in specs if not spec.reused)
+    rows = table_rows(specs, compiler)
     header = {
+        "command": f"`make gpu-static` (`{_command([a for a in argv if a != '--fresh'])}`); "
+        "`--fresh` recompiles every row",
         "target": f"sm_{COMPUTE_CAPABILITY} (H100/H200), at most {SHARED_LIMIT_BYTES} bytes of shared memory",
-        "triton": f"{triton.__version__} (ptxas {ptxas}); the lent GPU machine runs Triton 3.6",
+        "compiler": f"Triton {triton.__version__}, ptxas {ptxas} (Triton's bundled one); "
+        "the lent GPU machine runs Triton 3.6",
         "git commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cases / distinct specializations": f"{len(cases)} / {len(specs)}",
-        "compiled / reused from the earlier table": f"{compiled} / {len(specs) - compiled}",
+        "cases / distinct specializations / kernels": f"{len(cases)} / {len(specs)} / {kernel_count}",
+        "compiled / reused from the earlier table": f"{len(specs) - reused} / {reused}",
         "duration": f"{time.monotonic() - start:.0f} s with {args.jobs} parallel compiles",
         **summary(rows),
     }
     stale = stale_known_rows(specs)
     header["known rows that no longer fail (drop them)"] = ", ".join(map(str, stale)) or "none"
-    csv_path, md_path = write_table(rows, args.out, header, missing)
+    written = write_table(rows, args.out, header, missing, force=args.fresh)
     for key, value in header.items():
         print(f"{key}: {value}")
-    for name in missing:
-        print(f"FAIL: kernel {name} is launched by no case of the covering set")
-    print(f"wrote {csv_path} and {md_path}")
+    for row in rows:
+        if row["verdict"].startswith("FAIL"):
+            print(f"FAIL: {row['kernel']} {row['op']} {row['normalizer']} {row['dtype']} d={row['head_dim']} "
+                  f"{row['variant']}: {row['verdict']}")  # fmt: skip
+    for row in stale:
+        print(f"FAIL: {row} is in KNOWN_PROBLEMS but nothing there fails (or no case checks it): drop it")
+    print(
+        f"wrote {args.out / 'static.csv'} and {args.out / 'static.md'}"
+        if written
+        else f"{args.out / 'static.csv'} and static.md unchanged"
+    )
     return 0 if header["failures"] == "0" and not missing and not stale else 1
 
 
