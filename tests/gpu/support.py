@@ -34,8 +34,14 @@ def sized(gpu, dry):
     return dry if DRY_RUN else gpu
 
 
-# Half precision is what the kernels are for; a dry run keeps one of the two.
-LOW_PRECISION = sized([torch.bfloat16, torch.float16], [torch.bfloat16])
+# Half precision is what the kernels are for. The Triton interpreter cannot run them in bf16 (numpy
+# has no bfloat16: the CPU suite runs backend="triton" in float32 only), so a dry run, which checks
+# the tests' plumbing rather than the kernels' rounding, runs them in float32.
+LOW_PRECISION = sized([torch.bfloat16, torch.float16], [torch.float32])
+LOW = LOW_PRECISION[0]  # the dtype of the tests that take one
+# 4-byte operands take their own tiles and chunks on a GPU (tile table, triton_chunk); a dry run
+# already runs everything in float32.
+WIDE = sized([torch.float32], [])
 HEAD_DIMS = sized([64, 128], [16])
 # The normalizers the flash tests run: every one on a GPU; a dry run checks the tests' code with two.
 NORMALIZERS = sized(KERNEL_NORMALIZERS, ["softmax", "beta"])

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from support import HEAD_DIMS, LOW_PRECISION, check_flash_rule, derivatives, dtype_id, randn, sized
+from support import HEAD_DIMS, LOW, LOW_PRECISION, WIDE, check_flash_rule, derivatives, dtype_id, randn, sized
 
 import normattn
 from normattn.ops.beta_linear.recurrent import BetaState, beta_decode
@@ -52,10 +52,18 @@ def test_flash_rule(causal, d, dtype, grad):
 
 @pytest.mark.parametrize("shape", UGLY, ids=lambda s: "x".join(map(str, s)))
 def test_flash_rule_ugly_shape(shape):
-    check_flash_rule(_attend(True, "exact"), _qkv(*shape, torch.bfloat16), backend="triton-linear")
+    check_flash_rule(_attend(True, "exact"), _qkv(*shape, LOW), backend="triton-linear")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dtype", WIDE, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flash_rule_wide_operands(causal, dtype):
+    """float32 on a GPU takes chunks of 32 and narrower feature tiles (triton_chunk.BWD_LAUNCH)."""
+    primals = _qkv(*REGULAR, 72, 72, dtype)  # a padded head dim, several feature tiles
+    check_flash_rule(_attend(causal, "exact"), primals, backend="triton-linear")
+
+
+@pytest.mark.parametrize("dtype", sized([torch.bfloat16, torch.float32], [torch.float32]), ids=dtype_id)
 @pytest.mark.parametrize("d, dv", sized([(64, 64), (128, 128), (80, 40), (256, 256)], [(16, 16), (24, 8)]))
 def test_decode_step_matches_torch_recurrence(d, dv, dtype):
     batch, heads, context = sized((4, 8, 100), (1, 2, 5))

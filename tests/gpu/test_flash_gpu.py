@@ -10,8 +10,10 @@ import torch
 from support import (
     DEVICE,
     HEAD_DIMS,
-    NORMALIZERS,
+    LOW,
     LOW_PRECISION,
+    NORMALIZERS,
+    WIDE,
     check_flash_rule,
     derivatives,
     dtype_id,
@@ -66,10 +68,18 @@ def test_flash_rule(normalizer, causal, d, dtype):
     check_flash_rule(_attend(normalizer, causal=causal), _qkv(*REGULAR, d, d, dtype))
 
 
+@pytest.mark.parametrize("dtype", WIDE, ids=dtype_id)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_flash_rule_wide_operands(normalizer, d, dtype):
+    """float32 takes the 4/8-byte rows of the tile table and 3xTF32 products."""
+    check_flash_rule(_attend(normalizer, causal=True), _qkv(*REGULAR, d, d, dtype))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_flash_rule_ugly_shape(normalizer, causal):
-    check_flash_rule(_attend(normalizer, causal=causal), _qkv(*UGLY, torch.bfloat16))
+    check_flash_rule(_attend(normalizer, causal=causal), _qkv(*UGLY, LOW))
 
 
 def _feature_options(feature: str, heads: int, t_q: int, t_k: int) -> dict:
@@ -100,7 +110,7 @@ def test_feature(feature, normalizer):
     batch, heads, _, t_q, t_k = REGULAR
     kv_heads = heads // 2 if feature == "gqa" else heads
     options = {"causal": True, **_feature_options(feature, heads, t_q, t_k)}
-    primals = _qkv(2, heads, kv_heads, t_q, t_k, FEATURE_HEAD_DIM, FEATURE_HEAD_DIM, torch.bfloat16)
+    primals = _qkv(2, heads, kv_heads, t_q, t_k, FEATURE_HEAD_DIM, FEATURE_HEAD_DIM, LOW)
     check_flash_rule(_attend(normalizer, **options), primals, second_order=feature != "seed")
 
 
@@ -112,14 +122,14 @@ def test_every_feature_at_once(normalizer):
     options = {"causal": True, "enable_gqa": True}
     for feature in ("mask", "dropout", "window") + (("sinks",) if normalizer == "softmax" else ()):
         options |= _feature_options(feature, heads, t_q, t_k)
-    primals = _qkv(2, heads, heads // 2, t_q, t_k, FEATURE_HEAD_DIM, FEATURE_HEAD_DIM, torch.bfloat16)
+    primals = _qkv(2, heads, heads // 2, t_q, t_k, FEATURE_HEAD_DIM, FEATURE_HEAD_DIM, LOW)
     check_flash_rule(_attend(normalizer, **options), primals)
 
 
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_extreme_scores_stay_finite(normalizer):
     """|s| ~ 1e4: the shifted normalizers' running max and the others' sums must not overflow."""
-    q, k, v = _qkv(*REGULAR, FEATURE_HEAD_DIM, FEATURE_HEAD_DIM, torch.bfloat16)
+    q, k, v = _qkv(*REGULAR, FEATURE_HEAD_DIM, FEATURE_HEAD_DIM, LOW)
     attend = _attend(normalizer, causal=True)("triton")
     tangents = [torch.randn_like(x) for x in (q, k, v)]
     result = derivatives(attend, (100 * q, 100 * k, v), torch.randn_like(q), tangents, second_order=False)
@@ -129,7 +139,7 @@ def test_extreme_scores_stay_finite(normalizer):
 
 @pytest.mark.parametrize("normalizer", ["softmax", "beta"])
 def test_backward_is_deterministic(normalizer):
-    q, k, v = _qkv(*REGULAR, HEAD_DIMS[-1], HEAD_DIMS[-1], torch.bfloat16)
+    q, k, v = _qkv(*REGULAR, HEAD_DIMS[-1], HEAD_DIMS[-1], LOW)
     attend = _attend(normalizer, causal=True)("triton")
     cotangent = torch.randn_like(q)
     first, second = (derivatives(attend, (q, k, v), cotangent, [q, k, v], second_order=False) for _ in "ab")
@@ -140,10 +150,10 @@ def test_backward_is_deterministic(normalizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_flash_rule_long_sequence(normalizer):
-    check_flash_rule(_attend(normalizer, causal=True), _qkv(1, 2, 2, 4096, 4096, 128, 128, torch.bfloat16))
+    check_flash_rule(_attend(normalizer, causal=True), _qkv(1, 2, 2, 4096, 4096, 128, 128, LOW))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("d", [16, 24, 32, 72, 96, 192, 256])
 def test_flash_rule_every_head_dim(d):
-    check_flash_rule(_attend("softmax", causal=True), _qkv(*REGULAR, d, d, torch.bfloat16))
+    check_flash_rule(_attend("softmax", causal=True), _qkv(*REGULAR, d, d, LOW))

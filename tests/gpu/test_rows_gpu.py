@@ -12,7 +12,8 @@ from normattn.ops.softmax_rows.triton import softmax_rows_triton
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = sized([torch.float16, torch.bfloat16, torch.float32], [torch.bfloat16, torch.float32])
+# (the interpreter cannot run bf16 kernels: a dry run checks the tests in float32, support.LOW)
+DTYPES = sized([torch.float16, torch.bfloat16, torch.float32], [torch.float32])
 # (rows, row length): stacked short rows, one tile per row, several tiles per row (4096 a tile)
 SHAPES = sized([(65536, 7), (16384, 4096), (512, 32768)], [(64, 7), (4, 4096), (2, 8200)])
 
