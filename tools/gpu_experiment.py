@@ -2,8 +2,9 @@
 
 ``normattn compare --preset shakespeare-char --attentions softmax,beta,beta-seed`` trains the three
 one after the other; here they train at once on the one GPU, each a ``normattn train`` process
-(the same preset, nanoGPT's ``shakespeare_char`` run for 10,000 iterations), into ``--runs``
-(``runs/gpu-experiment``, ignored by git). Every evaluation (250 iterations) checkpoints, and a call
+(the same preset, nanoGPT's ``shakespeare_char`` run for 10,000 iterations), into the folder
+``normattn compare`` keeps that run in: ``--runs/<attention>/seed-<seed>`` (``--runs`` defaults to
+``runs/gpu-experiment``, ignored by git). Every evaluation (250 iterations) checkpoints, and a call
 that finds a run's checkpoint resumes it, so the next call on a warm machine continues where the
 last stopped. At ``--budget-s`` the trainers are interrupted (SIGINT: the last checkpoint stays
 intact). When all three have finished, ``normattn compare ... --resume`` (which then trains
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -41,25 +43,45 @@ GRACE_S = 60.0  # after SIGINT, before SIGKILL
 DRY_ITERS = (2, 4)  # a dry run's two calls: a fresh start, then a resume
 
 
+def run_dir(runs: Path, attention: str) -> Path:
+    """Where ``normattn compare --out runs`` keeps (and resumes) this attention's run of the preset's seed,
+    so that the compare at the end finds every run finished and trains nothing."""
+    from normattn.gpt.compare import run_folder
+    from normattn.gpt.config import build_configs
+
+    return run_folder(runs, attention, build_configs(PRESET, attention, {})[1].seed)
+
+
+def _overrides(data: Path | None, iters: int | None, dry_run: bool) -> list[str]:
+    """The options ``normattn train`` and ``normattn compare`` share: the same runs, so compare resumes."""
+    options = ["--no-progress"]
+    options += ["--max-iters", str(iters)] if iters is not None else []
+    options += ["--data", str(data)] if data is not None else []
+    if dry_run:
+        options += ["--eval-interval", "1", "--eval-iters", "2"]
+        options += [
+            arg for name, value in DRY_TRAIN.items() for arg in (f"--{name.replace('_', '-')}", value)
+        ]
+    return options
+
+
 def train_command(
     attention: str, runs: Path, data: Path | None, iters: int | None, dry_run: bool
 ) -> list[str]:
     """``normattn train`` for one attention, resuming its checkpoint when there is one."""
-    run_dir = runs / attention
+    folder = run_dir(runs, attention)
     command = [sys.executable, "-m", "normattn", "train", "--preset", PRESET, "--attention", attention]
-    command += ["--out", str(run_dir), "--no-progress"]
-    if (run_dir / "ckpt.pt").is_file():
+    command += ["--out", str(folder)]
+    if (folder / "ckpt.pt").is_file():
         command.append("--resume")
-    if iters is not None:
-        command += ["--max-iters", str(iters)]
-    if data is not None:
-        command += ["--data", str(data)]
-    if dry_run:
-        command += ["--eval-interval", "1", "--eval-iters", "2"]
-        command += [
-            arg for name, value in DRY_TRAIN.items() for arg in (f"--{name.replace('_', '-')}", value)
-        ]
-    return command
+    return command + _overrides(data, iters, dry_run)
+
+
+def compare_command(runs: Path, data: Path | None, iters: int | None, dry_run: bool) -> list[str]:
+    """``normattn compare`` over the finished runs: it trains nothing and writes compare.*."""
+    command = [sys.executable, "-m", "normattn", "compare", "--preset", PRESET]
+    command += ["--attentions", ",".join(ATTENTIONS), "--out", str(runs), "--resume"]
+    return command + _overrides(data, iters, dry_run)
 
 
 def finished(run_dir: Path, iters: int) -> bool:
@@ -68,12 +90,16 @@ def finished(run_dir: Path, iters: int) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("iters", -1) >= iters
 
 
-def train_concurrently(commands: dict[str, list[str]], logs: Path, budget_s: float) -> dict[str, str]:
+def train_concurrently(
+    commands: dict[str, list[str]], logs: Path, budget_s: float, env: dict[str, str] | None = None
+) -> dict[str, str]:
     """Start every command at once; interrupt those still running at ``budget_s``; their statuses."""
     processes = {}
     for name, command in commands.items():
         with (logs / f"{name}.log").open("a") as log:
-            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            processes[name] = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+            )
     deadline = time.monotonic() + budget_s
     statuses = {}
     for name, process in processes.items():
@@ -106,9 +132,9 @@ def collect(runs: Path) -> dict[str, dict]:
     """Each run's configuration, evaluations and summary (None until it finishes)."""
     return {
         name: {
-            "config": _read_json(runs / name / "config.json"),
-            "metrics": _read_jsonl(runs / name / "metrics.jsonl"),
-            "summary": _read_json(runs / name / "summary.json"),
+            "config": _read_json(run_dir(runs, name) / "config.json"),
+            "metrics": _read_jsonl(run_dir(runs, name) / "metrics.jsonl"),
+            "summary": _read_json(run_dir(runs, name) / "summary.json"),
         }
         for name in ATTENTIONS
     }
@@ -161,39 +187,28 @@ def write_outputs(out: Path, runs_dir: Path, statuses: dict[str, str], target_it
 
 
 def run_call(
-    out: Path, runs: Path, budget_s: float, iters: int | None, dry_run: bool, log: Path
+    out: Path, runs: Path, budget_s: float, iters: int | None, target: int, dry_run: bool, log: Path
 ) -> tuple[dict[str, str], bool]:
-    """One call: train (or resume) the unfinished runs within the budget; compare when all are done."""
-    target = iters or 10_000
+    """One call: train (or resume) the unfinished runs within the budget, up to ``iters`` (None: the
+    preset's); compare once all have reached ``target``."""
     data = find_data(dry_run, runs)
     runs.mkdir(parents=True, exist_ok=True)
     pending = {name: train_command(name, runs, data, iters, dry_run) for name in ATTENTIONS}
-    pending = {name: command for name, command in pending.items() if not finished(runs / name, target)}
+    pending = {
+        name: command
+        for name, command in pending.items()
+        if not finished(run_dir(runs, name), iters or target)
+    }
     statuses = {name: "finished earlier" for name in ATTENTIONS if name not in pending}
+    # a dry run's three trainers share two cores: one thread each
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if dry_run else None
     if pending:
-        statuses |= train_concurrently(pending, runs, budget_s)
-    complete = all(finished(runs / name, target) for name in ATTENTIONS)
+        statuses |= train_concurrently(pending, runs, budget_s, env)
+    complete = all(finished(run_dir(runs, name), target) for name in ATTENTIONS)
     if complete:
-        compare = [
-            sys.executable,
-            "-m",
-            "normattn",
-            "compare",
-            "--preset",
-            PRESET,
-            "--attentions",
-            ",".join(ATTENTIONS),
-        ]
-        compare += ["--out", str(runs), "--resume", "--no-progress"]
-        compare += ["--data", str(data)] if data is not None else []
-        if iters is not None:
-            compare += ["--max-iters", str(iters)]
-        if dry_run:
-            compare += [
-                arg for name, value in DRY_TRAIN.items() for arg in (f"--{name.replace('_', '-')}", value)
-            ]
         with log.open("a") as f:
-            rc = subprocess.run(compare, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+            command = compare_command(runs, data, iters, dry_run)
+            rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         complete = rc == 0
         for name in ("compare.md", "compare.png", "compare.json"):
             if (runs / name).is_file():
@@ -226,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         runs = args.runs or DEFAULT_RUNS.with_name("gpu-experiment-dry")
         shutil.rmtree(runs, ignore_errors=True)  # each dry run starts fresh, then resumes itself
-        for iters in DRY_ITERS:
-            statuses, complete = run_call(args.out, runs, args.budget_s, iters, True, log)
         target = DRY_ITERS[-1]
+        for iters in DRY_ITERS:
+            statuses, complete = run_call(args.out, runs, args.budget_s, iters, target, True, log)
     else:
         runs = args.runs or DEFAULT_RUNS
-        statuses, complete = run_call(args.out, runs, args.budget_s, None, False, log)
         target = 10_000
+        statuses, complete = run_call(args.out, runs, args.budget_s, None, target, False, log)
     note = (
         "All three runs finished; `compare.md` is `normattn compare`'s report."
         if complete
