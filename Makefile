@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SHARED_DATA := $(wildcard ../shared/data/tinyshakespeare.txt)
 export NORMATTN_DATA_DIR ?= $(if $(SHARED_DATA),$(abspath ../shared/data),)
 
-.PHONY: install test test-gpu lint bench compare clean
+.PHONY: install test test-gpu lint bench compare clean gpu-static gpu-check gpu-experiment gpu-data
 
 install: $(VENV)/.installed
 
@@ -24,14 +24,42 @@ test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
 
 lint: install
-	$(BIN)/ruff check normattn tests
-	$(BIN)/ruff format --check normattn tests
+	$(BIN)/ruff check normattn tests tools
+	$(BIN)/ruff format --check normattn tests tools
 
 bench: install
 	$(BIN)/normattn bench --device cpu
 
 compare: install
 	$(BIN)/normattn compare --preset shakespeare-char-cpu --overwrite
+
+# GPU work (README, "GPU"). gpu-static needs no GPU: it compiles every kernel specialization of a
+# covering set for sm_90 here and fails on spills or too much shared memory. It reuses each row of the
+# committed docs/results/gpu-static/static.csv whose key (kernel source hash, specialization with its
+# tiles, Triton and ptxas versions) is unchanged and compiles only the rest; FRESH=1 recompiles all.
+gpu-static: install
+	$(BIN)/python -m tools.gpu_static --out docs/results/gpu-static $(if $(filter 1,$(FRESH)),--fresh)
+
+# On a lent GPU machine (its own python3, torch and Triton; no .venv, no .git): OUT=dir, at most 8 files.
+# DRY_RUN=1 runs every stage on the CPU through the Triton interpreter (CI). COMMIT names the commit
+# under test, since the device's copy of the tree has no .git.
+DRY := $(filter 1,$(DRY_RUN))
+GPU_PYTHON = $(if $(DRY),$(BIN)/python,python3)
+COMMIT ?= $(shell git describe --always --dirty 2>/dev/null)
+
+gpu-check: OUT ?= out/gpu-check
+gpu-check: $(if $(DRY),install)
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m tools.gpu_check --out $(OUT) --commit "$(COMMIT)" $(if $(DRY),--dry-run)
+
+# The 10,000-iteration comparison; a later call on the same (warm) machine resumes it. BUDGET_S: seconds.
+gpu-experiment: OUT ?= out/gpu-experiment
+gpu-experiment: $(if $(DRY),install)
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m tools.gpu_experiment --out $(OUT) $(if $(DRY),--dry-run) \
+		$(if $(BUDGET_S),--budget-s $(BUDGET_S))
+
+# Tiny Shakespeare into runs/data (ignored), for a device call to carry: carry=["runs/data"].
+gpu-data:
+	mkdir -p runs/data && cp $(or $(SHARED_DATA),$(error no ../shared/data/tinyshakespeare.txt)) runs/data/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

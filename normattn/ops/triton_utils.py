@@ -95,26 +95,26 @@ def override_tiles(block_m: int, block_n: int) -> Iterator[None]:
 # query tiles stream, and the reverse), "tangent_dkdv"/"tangent_dq" (the gradient of the JVP's
 # output: twice the operands and accumulators of the backward, hence smaller tiles).
 _GPU_TILES: dict[tuple[str, bool], tuple[tuple[int, Tiles], ...]] = {
-    ("fwd", False): ((64, Tiles(128, 64, 4, 3)), (128, Tiles(128, 64, 8, 3)), (256, Tiles(64, 64, 8, 2))),
-    ("jvp", False): ((64, Tiles(128, 64, 8, 2)), (128, Tiles(64, 64, 8, 2)), (256, Tiles(32, 32, 8, 2))),
-    ("dkdv", False): ((64, Tiles(64, 128, 8, 3)), (128, Tiles(32, 128, 8, 2)), (256, Tiles(32, 32, 8, 2))),
-    ("dq", False): ((64, Tiles(128, 64, 8, 3)), (128, Tiles(128, 32, 8, 2)), (256, Tiles(32, 32, 8, 2))),
+    ("fwd", False): ((64, Tiles(128, 64, 8, 3)), (128, Tiles(128, 32, 8, 3)), (256, Tiles(32, 64, 8, 2))),
+    ("jvp", False): ((64, Tiles(128, 32, 8, 2)), (128, Tiles(32, 32, 8, 2)), (256, Tiles(32, 16, 8, 2))),
+    ("dkdv", False): ((64, Tiles(32, 64, 8, 3)), (128, Tiles(32, 32, 8, 2)), (256, Tiles(16, 32, 8, 2))),
+    ("dq", False): ((64, Tiles(128, 32, 8, 3)), (128, Tiles(64, 32, 8, 2)), (256, Tiles(32, 32, 8, 2))),
     ("tangent_dkdv", False): (
-        (64, Tiles(32, 64, 8, 2)),
-        (128, Tiles(32, 64, 8, 1)),
-        (256, Tiles(16, 32, 8, 1)),
+        (64, Tiles(32, 32, 8, 2)),
+        (128, Tiles(32, 16, 8, 1)),
+        (256, Tiles(16, 16, 8, 1)),
     ),
     ("tangent_dq", False): (
-        (64, Tiles(64, 32, 8, 2)),
-        (128, Tiles(64, 32, 8, 1)),
-        (256, Tiles(16, 32, 8, 1)),
+        (64, Tiles(32, 32, 8, 2)),
+        (128, Tiles(16, 32, 8, 1)),
+        (256, Tiles(16, 16, 8, 1)),
     ),
-    ("fwd", True): ((64, Tiles(32, 32, 4, 2)), (128, Tiles(16, 32, 4, 2)), (256, Tiles(16, 32, 8, 1))),
-    ("jvp", True): ((128, Tiles(16, 32, 8, 1)), (256, Tiles(16, 16, 8, 1))),
-    ("dkdv", True): ((128, Tiles(32, 32, 8, 2)), (256, Tiles(16, 32, 8, 1))),
-    ("dq", True): ((64, Tiles(32, 32, 8, 2)), (128, Tiles(32, 32, 8, 2)), (256, Tiles(16, 32, 8, 1))),
-    ("tangent_dkdv", True): ((128, Tiles(16, 32, 8, 1)), (256, Tiles(16, 16, 8, 1))),
-    ("tangent_dq", True): ((128, Tiles(16, 32, 8, 1)), (256, Tiles(16, 16, 8, 1))),
+    ("fwd", True): ((64, Tiles(32, 32, 8, 2)), (128, Tiles(16, 32, 4, 2)), (256, Tiles(16, 16, 8, 2))),
+    ("jvp", True): ((128, Tiles(16, 16, 8, 2)), (256, Tiles(16, 16, 8, 1))),
+    ("dkdv", True): ((128, Tiles(16, 16, 8, 1)), (256, Tiles(16, 16, 8, 1))),
+    ("dq", True): ((64, Tiles(16, 32, 8, 2)), (128, Tiles(16, 32, 8, 2)), (256, Tiles(16, 16, 8, 2))),
+    ("tangent_dkdv", True): ((128, Tiles(16, 16, 8, 1)), (256, Tiles(16, 16, 8, 1))),
+    ("tangent_dq", True): ((128, Tiles(16, 16, 8, 1)), (256, Tiles(16, 16, 8, 1))),
 }
 KERNEL_KINDS = tuple(sorted({kind for kind, _ in _GPU_TILES}))
 # Widest head the GPU tile table is sized for.

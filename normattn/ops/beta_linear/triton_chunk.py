@@ -51,12 +51,17 @@ from . import chunk
 
 # Tile sizes. One chunk of BT positions is one diagonal score tile; head dims are tiled by BK/BV
 # (at most these caps, at least 16 for tl.dot), so d up to 256 costs loops, not registers. The
-# backward and JVP kernels keep two or three [BT, BT] tiles alive and take narrower feature tiles:
-# with these caps and 8 warps, Triton 3.9 compiling for sm_90 (fp16/bf16, d = 64..256) gives at
-# most 255 registers, under 100 bytes of spills and under 64 KiB of shared memory per kernel.
+# backward and JVP kernels keep two or three [BT, BT] tiles alive and take narrower feature tiles.
+# On a GPU, 4- and 8-byte operands (fp32 with 3xTF32 products, fp64) take chunks of at most 32 and,
+# in the backward and JVP, 16-wide feature tiles and one stage. Compiled by Triton 3.9 for sm_90, no
+# launch then spills except the causal backward at head dims padded within a feature tile (2-byte:
+# 24, 72; 4/8-byte: 40) and the fp32 forward at d=72 (tools/gpu_static.py, KNOWN_LINEAR_PROBLEMS;
+# docs/results/gpu-static/tiles.md). The interpreter (CPU) takes the 2-byte shapes for every dtype.
 CHUNK_SIZE = 64
-FWD_MAX_BLOCK = 64
-BWD_MAX_BLOCK = 32
+WIDE_CHUNK_SIZE = 32
+# (largest feature tile, pipeline stages) per operand width (False: 2-byte, True: 4/8-byte on a GPU)
+FWD_LAUNCH = {False: (64, 2), True: (64, 2)}
+BWD_LAUNCH = {False: (32, 2), True: (16, 1)}
 OUTER_MAX_BLOCK = 64
 SCAN_BLOCK = 1024
 NUM_WARPS = 8
@@ -692,7 +697,9 @@ class _Plan:
         self.batch, self.heads, self.t_q, self.dim_k = q.shape
         self.t_k, self.dim_v = k.shape[2], v.shape[3]
         self.causal = causal
-        self.chunk = chunk
+        # fp32/fp64 on a GPU: chunks of at most WIDE_CHUNK_SIZE (see the tile sizes above)
+        self.wide = q.is_cuda and q.element_size() >= 4
+        self.chunk = chunk = min(chunk, WIDE_CHUNK_SIZE) if self.wide else chunk
         self.acc_dtype = accumulation_dtype(q.dtype)
         self.precision = dot_precision(q.dtype, q.is_cuda)
         # Query row t of chunk n is query n * BT + t - query_shift (its last visible key is n * BT + t).
@@ -705,7 +712,9 @@ class _Plan:
         self.unvisited_rows = causal and self.t_q > self.t_k
         self.empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
 
-    def kernel_args(self, max_block: int) -> dict:
+    def kernel_args(self, launch: dict[bool, tuple[int, int]]) -> dict:
+        """Tiles and launch options of a chunk kernel; ``launch`` is ``FWD_LAUNCH`` or ``BWD_LAUNCH``."""
+        max_block, stages = launch[self.wide]
         block_k, block_v = block(self.dim_k, max_block), block(self.dim_v, max_block)
         return dict(
             BT=self.chunk,
@@ -714,6 +723,8 @@ class _Plan:
             NK=triton.cdiv(self.dim_k, block_k),
             NV=triton.cdiv(self.dim_v, block_v),
             DOT_PRECISION=self.precision,
+            num_warps=NUM_WARPS,
+            num_stages=stages,
         )
 
     def state_strides(self, states: Tensor) -> tuple[int, int, int]:
@@ -794,7 +805,7 @@ def _forward(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *plan.state_strides(states),
         plan.heads, plan.t_q, plan.t_k, plan.query_shift, plan.first_query_chunk,
         plan.dim_k, plan.dim_v, scale,
-        CAUSAL=causal, **plan.kernel_args(FWD_MAX_BLOCK), num_warps=NUM_WARPS, num_stages=2,
+        CAUSAL=causal, **plan.kernel_args(FWD_LAUNCH),
     )  # fmt: skip
     return o, r
 
@@ -828,7 +839,7 @@ def _backward(
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         *plan.state_strides(fwd), *plan.state_strides(rev),
         plan.heads, plan.t_q, plan.t_k, plan.query_shift, plan.dim_k, plan.dim_v, scale,
-        CAUSAL=causal, SEED=seed, **plan.kernel_args(BWD_MAX_BLOCK), num_warps=NUM_WARPS, num_stages=2,
+        CAUSAL=causal, SEED=seed, **plan.kernel_args(BWD_LAUNCH),
     )  # fmt: skip
     return dq, dk, dv
 
@@ -855,7 +866,7 @@ def _jvp(
         *q.stride(), *k.stride(), *v.stride(), *qd.stride(), *kd.stride(), *vd.stride(),
         *o.stride(), *od.stride(), *plan.state_strides(states),
         plan.heads, plan.t_q, plan.t_k, plan.query_shift, plan.first_query_chunk, d, dv, scale,
-        CAUSAL=causal, SEED=seed, **plan.kernel_args(BWD_MAX_BLOCK), num_warps=NUM_WARPS, num_stages=2,
+        CAUSAL=causal, SEED=seed, **plan.kernel_args(BWD_LAUNCH),
     )  # fmt: skip
     return od
 
