@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	TRITON_INTERPRET=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q --timeout 600
+	TRITON_INTERPRET=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q --timeout 600 --durations=30
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
