@@ -375,6 +375,16 @@ def test_jvp_with_grouped_query_heads_matches_eager() -> None:
     torch.testing.assert_close(jvp[tokens], ref_jvp[tokens], rtol=0, atol=1e-5)
 
 
+def test_one_implementation_per_registered_normalizer() -> None:
+    from transformers import AttentionInterface
+
+    names = register()
+    assert {"normattn", "normattn-beta", "normattn-sigmoid", "normattn-softpick"} <= set(names)
+    assert sorted(IMPLEMENTATIONS.values()) == sorted(normattn.NORMALIZERS)
+    for name in names:
+        assert name in AttentionInterface._global_mapping
+
+
 def test_set_attn_implementation_switches_a_model() -> None:
     config = CONFIGS["qwen2"]()
     model = build(config, "sdpa")

@@ -43,7 +43,7 @@ from packaging.version import Version
 from torch import Tensor
 
 import normattn
-from normattn.normalizers import get_normalizer
+from normattn.normalizers import NORMALIZERS, get_normalizer
 
 try:
     import transformers
@@ -66,12 +66,10 @@ if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
     )
 
 IMPLEMENTATIONS: dict[str, str] = {
-    "normattn": "softmax",
-    "normattn-beta": "beta",
-    "normattn-sigmoid": "sigmoid",
-    "normattn-softpick": "softpick",
+    ("normattn" if name == "softmax" else f"normattn-{name}"): name for name in sorted(NORMALIZERS)
 }
-"""The ``attn_implementation`` names :func:`register` adds, and the normalizer each one computes."""
+"""The ``attn_implementation`` names :func:`register` adds, one per registered normalizer
+(``"normattn"`` for softmax, ``"normattn-<name>"`` for the others), and the normalizer each computes."""
 
 
 def register() -> tuple[str, ...]:
