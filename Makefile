@@ -30,8 +30,10 @@ lint: install
 bench: install
 	$(BIN)/normattn bench --device cpu
 
+# The README's main table: five attentions, two seeds each (about an hour on 2 idle cores).
 compare: install
-	$(BIN)/normattn compare --preset shakespeare-char-cpu --overwrite
+	$(BIN)/normattn compare --preset shakespeare-char-cpu --attentions softmax,softmax-sinks,sigmoid,softpick,beta \
+		--seeds 2 --overwrite
 
 # GPU work (README, "GPU"). gpu-static needs no GPU: it compiles every kernel specialization of a
 # covering set for sm_90 here and fails on spills or too much shared memory. It reuses each row of the
