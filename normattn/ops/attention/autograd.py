@@ -158,6 +158,19 @@ def _call(kernel: Callable, kernels: Kernels, problem: Problem, *tensors, **opti
     return _KernelCall.apply(bound, _third_order(kernels, problem), problem, *tensors)
 
 
+def _save_attention(ctx, inputs, output, forward_mode: bool) -> None:
+    """What :class:`Attention` and :class:`CompiledAttention` keep: the inputs, ``O`` and ``stat``
+    (for the JVP rule too where ``forward_mode``); ``stat`` is not differentiable."""
+    kernels, problem, q, k, v, sinks, mask, seed = inputs
+    out, stat = output
+    ctx.mark_non_differentiable(stat)
+    saved = (q, k, v, sinks, mask, seed, out, stat)
+    ctx.save_for_backward(*saved)
+    if forward_mode:
+        ctx.save_for_forward(*saved)
+    ctx.kernels, ctx.problem = kernels, problem
+
+
 class Attention(torch.autograd.Function):
     """``(kernels, problem, q, k, v, sinks, mask, seed) -> (O, stat)``; ``stat`` is not differentiable."""
 
@@ -167,12 +180,7 @@ class Attention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        kernels, problem, q, k, v, sinks, mask, seed = inputs
-        out, stat = output
-        ctx.mark_non_differentiable(stat)
-        ctx.save_for_backward(q, k, v, sinks, mask, seed, out, stat)
-        ctx.save_for_forward(q, k, v, sinks, mask, seed, out, stat)
-        ctx.kernels, ctx.problem = kernels, problem
+        _save_attention(ctx, inputs, output, forward_mode=True)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stat):
@@ -306,11 +314,7 @@ class CompiledAttention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        kernels, problem, q, k, v, sinks, mask, seed = inputs
-        out, stat = output
-        ctx.mark_non_differentiable(stat)
-        ctx.save_for_backward(q, k, v, sinks, mask, seed, out, stat)
-        ctx.kernels, ctx.problem = kernels, problem
+        _save_attention(ctx, inputs, output, forward_mode=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
