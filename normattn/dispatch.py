@@ -2,8 +2,8 @@
 
 ``backend="auto"`` takes the fused Triton kernels for CUDA tensors (when Triton is installed) and
 the torch backend otherwise. The torch backend computes beta in linear time whenever the call
-allows it (full or causal, no sliding window, no attention-weight dropout, no mask other than
-key padding) and uses its exact blockwise form otherwise.
+allows it (full, causal, or a causal sliding window ``window=(left, 0)``; no attention-weight
+dropout; no mask other than key padding) and uses its exact blockwise form otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from .normalizers import BETA
 from .ops.attention import blockwise, naive
 from .ops.attention.autograd import attention_function
 from .ops.attention.problem import Problem
+from .ops.beta_linear import window
+from .ops.beta_linear.window import window_obstacle
 from .ops.common import triton_usable
 
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "triton-linear")
@@ -33,11 +35,15 @@ def require_triton(backend: str, x: Tensor) -> None:
 
 def is_key_padding(mask: Tensor | None) -> bool:
     """A mask of shape ``(B or 1, 1, Tq, Tk)`` that is the same for every query: it only removes keys."""
-    return mask is None or (mask.shape[1] == 1 and mask.stride(2) == 0)
+    return mask is None or (mask.shape[1] == 1 and (mask.shape[2] == 1 or mask.stride(2) == 0))
 
 
-def linear_time_obstacle(problem: Problem, mask: Tensor | None, sinks: Tensor | None) -> str | None:
-    """Why the linear-time beta form cannot compute this call exactly, or None if it can."""
+def linear_time_obstacle(
+    problem: Problem, mask: Tensor | None, sinks: Tensor | None, sliding_window: bool = False
+) -> str | None:
+    """Why the linear-time beta form cannot compute this call exactly, or None if it can.
+
+    ``sliding_window``: the form has the causal sliding window (the torch backend's does)."""
     if problem.normalizer != BETA:
         if problem.normalizer.linear_time:
             name = problem.normalizer.name
@@ -46,7 +52,11 @@ def linear_time_obstacle(problem: Problem, mask: Tensor | None, sinks: Tensor | 
             f'the linear-time form computes beta attention only, got normalizer "{problem.normalizer.name}"'
         )
     if problem.left is not None or problem.right not in (None, 0):
-        return "a sliding window has no exact linear-time form here"
+        if not sliding_window:
+            return 'this backend has no linear-time sliding window (backend="torch" has window=(left, 0))'
+        obstacle = window_obstacle(problem)
+        if obstacle is not None:
+            return obstacle
     if not is_key_padding(mask):
         return "a general attn_mask has no linear-time form (only key padding, shape (B, 1, 1, Tk), has)"
     if problem.dropout_p > 0:
@@ -61,7 +71,8 @@ def choose(backend: str, problem: Problem, q: Tensor, mask: Tensor | None, sinks
             "triton" if q.is_cuda and triton_usable(q) and problem.normalizer.kernel is not None else "torch"
         )
     if backend == "torch":
-        return "torch-linear" if linear_time_obstacle(problem, mask, sinks) is None else "torch"
+        linear = linear_time_obstacle(problem, mask, sinks, sliding_window=True) is None
+        return "torch-linear" if linear else "torch"
     if backend in ("triton", "triton-linear"):
         require_triton(backend, q)
     if backend == "triton" and problem.normalizer.kernel is None:
@@ -102,10 +113,12 @@ def _linear(backend: str, problem: Problem, q: Tensor, k: Tensor, v: Tensor, mas
     if mask is not None:
         # a removed key adds nothing to either state: zero it (its gradient is then zero too)
         k = k * mask[:, :, :1, :].transpose(-2, -1).to(k.dtype)
-    if backend == "torch-linear":
+    if backend == "torch-linear":  # grouped-query heads natively
+        if problem.left is not None:
+            return attention_function(window.KERNELS, problem, q, k, v, None, None, None)
         from .ops.beta_linear.chunk import beta_linear_attention
 
-        return beta_linear_attention(problem, q, k, v)  # grouped-query heads natively
+        return beta_linear_attention(problem, q, k, v)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # the chunked Triton kernels take one key/value head per query head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -262,8 +262,10 @@ def test_auto_backend_on_cpu():
         problem = Problem(spec, 1.0, 0.0, None, None)
         expected = "torch-linear" if name == "beta" else "torch"
         assert dispatch.choose("auto", problem, q, None, None) == expected
-        windowed = Problem(spec, 1.0, 0.0, 4, 0)
-        assert dispatch.choose("auto", windowed, q, None, None) == "torch"  # beta: exact blockwise
+        causal_window = Problem(spec, 1.0, 0.0, 4, 0)  # beta: the linear-time window form
+        assert dispatch.choose("auto", causal_window, q, None, None) == expected
+        two_sided = Problem(spec, 1.0, 0.0, 4, 2)
+        assert dispatch.choose("auto", two_sided, q, None, None) == "torch"  # beta: exact blockwise
 
 
 # --- bad input: each raises ValueError/TypeError naming the argument and the shapes or dtypes ---

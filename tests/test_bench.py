@@ -70,6 +70,16 @@ def test_cpu_run_writes_a_plot_and_a_report_with_environment_and_command(cpu_run
     assert len(table) == 1 + len(df)
 
 
+def test_window_cost_is_in_calls_of_the_window_free_length():
+    rows = [("torch", "beta", 1024, "", 10.0), ("torch", "beta", 16384, "512,0", 200.0)]
+    rows += [("torch", "softmax", 1024, "", 5.0), ("torch", "softmax", 16384, "512,0", 40.0)]
+    df = pd.DataFrame(rows, columns=["backend", "normalizer", "T", "window", "median_ms"])
+    df["pass"], df["causal"] = "fwd", True
+    cpu.add_window_cost(df)
+    assert df["window_vs_causal_calls"].tolist()[1::2] == [200 / (16 * 10), 40 / (16 * 5)]
+    assert df["window_vs_causal_calls"][::2].isna().all()
+
+
 def test_peak_memory_sees_a_transient_allocation_after_a_reset():
     device = torch.device("cpu")
     earlier = torch.ones(128 * MIB // 4)  # an earlier, larger peak, which the reset must forget

@@ -7,14 +7,17 @@ FlashAttention's error rule.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from helpers import UGLY_SHAPES, all_derivatives, attend, attention_ref, gradcheck, inputs, shape_id
 
 import normattn
 from normattn import BETA
 from normattn.ops.attention.naive import attention_naive
 from normattn.ops.attention.problem import Problem
-from normattn.ops.beta_linear import chunk
+from normattn.ops.beta_linear import chunk, window
 from normattn.ops.beta_linear.chunk import CHUNK_SIZE, beta_linear_attention
 from normattn.ops.beta_linear.naive import beta_attention_recurrent
 from normattn.ops.beta_linear.recurrent import BetaState, beta_decode, beta_prefill
@@ -449,3 +452,74 @@ def test_state_has_constant_size():
         sizes.add(state.H.numel() + state.G.numel())
         assert state.tokens_seen == prompt + 1
     assert sizes == {2 * 8 * (8 + 4)}
+
+
+# -- the causal sliding window in linear time (ops/beta_linear/window.py) ---------------------------
+
+# (Tq, Tk, left) with chunks of 4: left < C, left a multiple of C, left = m C + rho with rho > 0 (two
+# edge blocks), a window wider than the sequence, bottom-right alignment both ways
+WINDOW_CASES = [
+    (1, 1, 3),
+    (7, 7, 1),
+    (63, 63, 4),
+    (63, 63, 13),
+    (257, 257, 37),
+    (9, 30, 6),
+    (30, 9, 6),
+    (20, 20, 50),
+]
+
+
+@pytest.mark.parametrize("grad", ["exact", "seed"])
+@pytest.mark.parametrize(("t_q", "t_k", "left"), WINDOW_CASES, ids=str)
+def test_sliding_window_is_linear_and_matches_reference(t_q, t_k, left, grad, monkeypatch):
+    """beta with ``window=(left, 0)`` on the torch backend takes the linear-time window form (with
+    grouped-query heads and key padding); values, gradients and the JVP equal the reference's."""
+    monkeypatch.setattr(window, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(window, "GROUP_SIZE", 8)  # steps of max(8, 4 left) queries
+    calls = []
+    original = window._forward
+    monkeypatch.setattr(window, "_forward", lambda *args: calls.append(1) or original(*args))
+    q, k, v = inputs((2, 4, 2, t_q, t_k, 24, 16))
+    padding = (torch.arange(t_k)[None, :] < torch.tensor([t_k, max(t_k - 5, 1)])[:, None])[:, None, None, :]
+    options = dict(window=(left, 0), attn_mask=padding, enable_gqa=True, grad=grad)
+    cotangent = torch.randn(2, 4, t_q, 16, dtype=torch.float64)
+    tangents = [torch.randn_like(x) for x in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # grad="seed" warns that it is the shortcut
+        got = all_derivatives(attend("torch", "beta", **options), (q, k, v), cotangent, tangents)
+        want = all_derivatives(attend("reference", "beta", **options), (q, k, v), cotangent, tangents)
+    assert calls
+    for what, a, c in zip(("out", "dq", "dk", "dv", "jvp"), got, want, strict=True):
+        torch.testing.assert_close(a, c, **F64, msg=what)
+
+
+@pytest.mark.parametrize("shape", UGLY_SHAPES, ids=shape_id)
+def test_sliding_window_gradcheck_of_output_and_tangent(shape, monkeypatch):
+    """float64 gradcheck of ``(q, k, v, qd, kd, vd) -> (O, Od)`` through the window form: its
+    backward, JVP and the gradient of its JVP (forward mode through the backward)."""
+    monkeypatch.setattr(window, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(window, "GROUP_SIZE", 8)  # steps of max(8, 4 left) queries
+    primals = inputs(shape)
+    tangents = [torch.randn_like(x) for x in primals]
+    f = attend("torch", "beta", window=(6, 0), enable_gqa=shape[1] != shape[2])
+
+    def output_and_tangent(*args):
+        return torch.func.jvp(f, args[:3], args[3:])
+
+    assert gradcheck(output_and_tangent, (*primals, *tangents), fast=True, forward_ad=False)
+    assert gradcheck(f, primals, fast=True)
+
+
+def test_sliding_window_states_need_no_subtraction():
+    """The window sums chunk states forward, never as a difference of prefix sums: a window at the
+    end of a long sequence of huge keys keeps its float32 accuracy."""
+    t, left = 4096, 64
+    q, k, v = inputs((1, 1, 1, t, t, 16, 16), dtype=torch.float32, transposed=False)
+    k = k.clone()
+    k[..., : t - 2 * left, :] *= 1e4  # keys far outside the last queries' windows
+    got = normattn.attention(q[..., -8:, :], k, v, normalizer="beta", window=(left, 0), backend="torch")
+    want = attention_ref(
+        q[..., -8:, :].double(), k.double(), v.double(), "beta", window=(left, 0), causal=True
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

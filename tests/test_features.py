@@ -249,13 +249,45 @@ def test_blockwise_visits_only_the_tiles_a_window_lets_it_see(monkeypatch):
     )
     t, w = 2048, 128
     q, k, v = inputs((1, 1, 1, t, t, 8, 8), transposed=False)
-    normattn.attention(q, k, v, causal=True, window=(w, None), backend="torch")
+    # sigmoid: plain softmax on a band goes to PyTorch's fused kernel (the next test)
+    normattn.attention(q, k, v, normalizer="sigmoid", causal=True, window=(w, None), backend="torch")
     # the band, plus at most two edge tiles per row block
     assert t * w <= sum(formed) <= t * (w + 2 * 64) * 1.1
     formed.clear()
     padding = (torch.arange(t) < 256)[None, None, None, :]  # only the first 256 keys exist
     normattn.attention(q, k, v, attn_mask=padding, backend="torch")
     assert t * 256 <= sum(formed) <= t * 256 * 1.1
+
+
+@pytest.mark.parametrize(
+    "t_q, t_k, causal, window",
+    [(2048, 2048, True, (128, None)), (2048, 2048, False, (100, 27)), (700, 2048, True, (128, None))],
+    ids=str,
+)
+def test_fused_softmax_on_a_band_sees_only_the_band(t_q, t_k, causal, window, monkeypatch):
+    """Softmax on a band runs PyTorch's fused CPU kernel in row chunks, each against only the keys
+    its rows can see: the work grows with T * window, and values and gradients stay exact."""
+    formed = []
+    original = blockwise._fused_band_chunks
+
+    def counted(problem, q, k):
+        for rows, keys, mask, is_causal in original(problem, q, k):
+            formed.append((rows.stop - rows.start) * (keys.stop - keys.start))
+            yield rows, keys, mask, is_causal
+
+    monkeypatch.setattr(blockwise, "_fused_band_chunks", counted)
+    q, k, v = inputs((1, 2, 2, t_q, t_k, 8, 8), transposed=False)
+    f = attend("torch", "softmax", causal=causal, window=window)
+    f(q, k, v)
+    width = window[0] + (window[1] or 0) + 1
+    assert t_q * width <= sum(formed) <= t_q * (width + blockwise.FUSED_BAND_ROWS)
+    cotangent = torch.randn(1, 2, t_q, 8, dtype=torch.float64)
+    tangents = [torch.randn_like(x) for x in (q, k, v)]
+    got = all_derivatives(f, (q, k, v), cotangent, tangents)
+    reference = attend("reference", "softmax", causal=causal, window=window)
+    want = all_derivatives(reference, (q, k, v), cotangent, tangents)
+    for what, a, c in zip(("out", "dq", "dk", "dv", "jvp"), got, want):
+        torch.testing.assert_close(a, c, **F64, msg=what)
 
 
 # -- dropout -------------------------------------------------------------------------------------
@@ -409,7 +441,7 @@ def _call(**kwargs):
         (
             dict(normalizer="beta", backend="triton-linear", window=(2, 0)),
             ValueError,
-            r'backend="triton-linear": a sliding window',
+            r'backend="triton-linear": this backend has no linear-time sliding window.*"torch"',
         ),
     ],
 )

@@ -44,7 +44,8 @@ COLUMNS = [*CASE_COLUMNS, "status", "median_ms", "iqr_ms", "repeats", "peak_mib"
 METHOD = f"""\
 - CPU, B={BATCH}, H={HEADS}, d={HEAD_DIM}, a fresh process per case: `Timer.adaptive_autorange` medians and
   IQRs; `peak_mib`: peak RSS above the RSS before (VmHWM reset via `/proc/self/clear_refs`). `vs_reference`:
-  the same normalizer's; `vs_sdpa`: softmax SDPA (`sdpa-math` for JVP passes) for every normalizer."""
+  the same normalizer's; `vs_sdpa`: softmax SDPA (`sdpa-math` for JVP passes) for every normalizer;
+  `window_vs_causal_calls`: a windowed case's time over that of T/T' causal calls of the window-free T'."""
 
 
 def cpu_cases(
@@ -139,4 +140,17 @@ def run_cpu(
     add_ratio(df, "speedup_vs_reference", reference, same_normalizer=True)
     add_ratio(df, "memory_saving_vs_reference", reference, "peak_mib", same_normalizer=True)
     add_ratio(df, "speedup_vs_sdpa", df["backend"].isin(SDPA_KERNELS))
+    add_window_cost(df)
     return df
+
+
+def add_window_cost(df: pd.DataFrame) -> None:
+    """``window_vs_causal_calls``: a windowed case's time over ``T / T'`` calls of the same case
+    without a window at ``T'`` (the sliding-window issue's "within 1.5x of 16 T = 1024 calls")."""
+    if (df["window"] == "").all():
+        return
+    family = ["backend", "normalizer", "pass", "causal"]
+    plain = df[df["window"] == ""][[*family, "T", "median_ms"]]
+    both = df.merge(plain.rename(columns={"T": "_T", "median_ms": "_ms"}), on=family, how="left")
+    cost = both["median_ms"] / (both["_ms"] * both["T"] / both["_T"])
+    df["window_vs_causal_calls"] = cost.where(df["window"] != "").to_numpy()

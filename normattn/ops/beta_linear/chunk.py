@@ -160,6 +160,11 @@ def _score_norm(q: Tensor, gq_earlier: Tensor, s: Tensor | None) -> Tensor:
     squared = _rowdot(gq_earlier, q)
     if s is not None:
         squared += (s * s).sum(-1, keepdim=True)
+    return norm_from_squared(squared)
+
+
+def norm_from_squared(squared: Tensor) -> Tensor:
+    """``sqrt`` of a row's ``||s_i||^2``, clamped at 0, with tangent 0 (not NaN) at 0 (``_score_norm``)."""
     positive = squared > 0
     return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
 
