@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import normattn
-from normattn.bench import cli, cpu, measure, memory
+from normattn.bench import cli, cpu, measure, memory, report
 from normattn.ops.common import triton_usable
 
 MIB = 2**20
@@ -75,7 +75,7 @@ def test_window_cost_is_in_calls_of_the_window_free_length():
     rows += [("torch", "softmax", 1024, "", 5.0), ("torch", "softmax", 16384, "512,0", 40.0)]
     df = pd.DataFrame(rows, columns=["backend", "normalizer", "T", "window", "median_ms"])
     df["pass"], df["causal"] = "fwd", True
-    cpu.add_window_cost(df)
+    report.add_window_cost(df)
     assert df["window_vs_causal_calls"].tolist()[1::2] == [200 / (16 * 10), 40 / (16 * 5)]
     assert df["window_vs_causal_calls"][::2].isna().all()
 
@@ -134,7 +134,7 @@ def test_cuda_dry_run_under_the_interpreter(tmp_path):
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     assert cli.main("bench", ["--device", "cuda", "--dry-run", "--out", str(tmp_path)]) == 0
     df = pd.read_csv(tmp_path / "bench_cuda.csv", keep_default_na=False, na_values=[""])
-    assert list(dict.fromkeys(df["stage"])) == ["flash", "linear", "decode", "rows"]
+    assert list(dict.fromkeys(df["stage"])) == ["flash", "linear", "window", "decode", "rows"]
     assert set(df["status"]) == {"ok"}, df[df["status"] != "ok"][["stage", "backend", "normalizer", "note"]]
     flash = df[df["stage"] == "flash"]
     assert set(flash.loc[flash["backend"] == "triton", "normalizer"]) == set(normattn.NORMALIZERS)
@@ -149,6 +149,11 @@ def test_cuda_dry_run_under_the_interpreter(tmp_path):
     assert (measured["tflops"] > 0).all()
     assert (measured.loc[measured["backend"] != "triton", "speedup_vs_baseline"] == 1).all()
     assert set(df.loc[df["stage"] == "linear", "backend"]) == {"triton-linear", "triton", "sdpa-flash"}
+    window = df[df["stage"] == "window"]
+    windows = window["window"].fillna("")  # the CSV's empty cell reads back as NaN
+    assert set(window["normalizer"]) == set(normattn.NORMALIZERS) and set(windows) == {"", "8,0"}
+    assert window["window_vs_causal_calls"].notna().tolist() == (windows != "").tolist()
+    assert (window["window_vs_causal_calls"].dropna() > 0).all()
     decode = df[df["stage"] == "decode"].set_index("backend")
     assert decode.loc["sdpa-kv-cache", "state_mib"] == pytest.approx(1 * 2 * 2 * 64 * 16 * 4 / MIB)
     assert decode.loc["beta_decode", "tokens_per_s"] > 0

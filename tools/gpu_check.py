@@ -9,7 +9,8 @@ Stages, each in its own process with its own time limit, each writing to ``OUT``
 2. ``correctness``: ``pytest tests/gpu -m "not slow"`` on every core (FlashAttention's error rule in
    bf16/fp16 for every kernel, normalizer and feature, the JVP and its gradient; NaN fails);
 3. ``speed``: the bench's CUDA stages side by side (``normattn.bench.cuda``): softmax forward,
-   backward and JVP against SDPA, beta quadratic and linear with the crossover, decode, row kernels;
+   backward and JVP against SDPA, beta quadratic and linear with the crossover, a sliding window
+   against causal calls, decode, row kernels;
 4. ``training``: 50 iterations of ``shakespeare-char`` per attention, tokens/s.
 
 Then ``summary.md`` checks the targets (H100/H200, bf16, d=128), and a short table is printed last.
@@ -99,12 +100,15 @@ def _bench_config(dry_run: bool, **changes):
     return replace(CudaConfig.tiny() if dry_run else CudaConfig(), **changes)
 
 
-# The speed stage's (backend, normalizer, pass): the passes that launch every kernel it times.
+# The speed stage's (backend, normalizer, pass, with the window stage's window): the calls that launch
+# every kernel it times.
 WARM_ATTENTION = (
-    ("triton", "softmax", "fwd+bwd"),
-    ("triton", "softmax", "jvp"),
-    ("triton", "beta", "fwd+bwd"),
-    ("triton-linear", "beta", "fwd+bwd"),
+    ("triton", "softmax", "fwd+bwd", False),
+    ("triton", "softmax", "jvp", False),
+    ("triton", "beta", "fwd+bwd", False),
+    ("triton-linear", "beta", "fwd+bwd", False),
+    ("triton", "softmax", "fwd+bwd", True),
+    ("triton", "beta", "fwd+bwd", True),
 )
 
 
@@ -131,9 +135,10 @@ def run_warm_job(job: tuple[str, tuple], dry_run: bool, scratch: str) -> str:
         T, d = config.T_values[0], config.head_dims[0]
         B, H = config.batch, config.heads
         if kind == "attention":
-            backend, normalizer, pass_name = args
+            backend, normalizer, pass_name, windowed = args
             qkv = [config.randn(B, H, T, d) for _ in "qkv"]
-            pass_call(attend_fn(backend, normalizer, causal=True), pass_name, qkv)()
+            window = config.window_cases[-1][1] if windowed else None
+            pass_call(attend_fn(backend, normalizer, causal=True, window=window), pass_name, qkv)()
         elif kind == "decode":
             import normattn
 
@@ -344,8 +349,9 @@ def stage_correctness(ctx: Context, limit_s: float) -> bool:
 
 # (bench stage, its CudaConfig changes, its share of the speed stage's time)
 SPEED_STAGES = (
-    ("flash", {"normalizers": ("softmax",), "passes": ("fwd", "fwd+bwd", "jvp"), "head_dims": (128,)}, 0.45),
-    ("linear", {"normalizers": ("beta",), "passes": ("fwd", "fwd+bwd"), "head_dims": (128,)}, 0.35),
+    ("flash", {"normalizers": ("softmax",), "passes": ("fwd", "fwd+bwd", "jvp"), "head_dims": (128,)}, 0.4),
+    ("linear", {"normalizers": ("beta",), "passes": ("fwd", "fwd+bwd"), "head_dims": (128,)}, 0.3),
+    ("window", {"normalizers": ("softmax", "beta"), "passes": ("fwd", "fwd+bwd"), "head_dims": (128,)}, 0.1),
     ("decode", {"head_dims": (128,)}, 0.05),
     ("rows", {}, 0.15),
 )
@@ -361,6 +367,7 @@ def stage_speed(ctx: Context, limit_s: float) -> bool:
     functions = {
         "flash": cuda.run_flash,
         "linear": cuda.run_linear,
+        "window": cuda.run_window,
         "decode": cuda.run_decode,
         "rows": cuda.run_rows,
     }
@@ -492,15 +499,19 @@ TARGETS = (
     Target("softmax JVP vs torch.func.jvp over math SDPA (T=8k)", 3.5, "x"),
     Target("beta linear fwd+bwd vs SDPA flash softmax (T=16k)", 5.0, "x"),
     Target("beta decode step vs KV-cache softmax step (32k context)", 10.0, "x"),
+    # the window's cost at most 1.5x that of 16 causal T=1k calls, as a speed: 16 calls' time / the window's
+    Target("softmax fwd+bwd, window (512, 0) at 16k vs 16 causal 1k calls", 0.67, "x"),
 )
 
 
-def measured_targets(df, flash_T: int, linear_T: int) -> list[float]:
+def measured_targets(df, flash_T: int, linear_T: int, window_T: int) -> list[float]:
     """The value of each of ``TARGETS`` in a bench table (NaN where not measured). The backward is
     ``fwd+bwd`` minus ``fwd``, for ours and for SDPA's."""
 
-    def value(stage: str, backend: str, pass_name: str, T: int | None, column: str) -> float:
+    def value(stage: str, backend: str, pass_name: str, T: int | None, column: str, normalizer=None) -> float:
         rows = df[(df["stage"] == stage) & (df["backend"] == backend) & (df["pass"] == pass_name)]
+        if normalizer is not None:
+            rows = rows[rows["normalizer"] == normalizer]
         rows = rows[rows["status"] == "ok"]
         if T is not None:
             rows = rows[rows["T"] == T]
@@ -518,6 +529,7 @@ def measured_targets(df, flash_T: int, linear_T: int) -> list[float]:
         value("flash", "triton", "jvp", flash_T, "speedup_vs_baseline"),
         value("linear", "triton-linear", "fwd+bwd", linear_T, "speedup_vs_baseline"),
         value("decode", "beta_decode", "decode", None, "speedup_vs_baseline"),
+        1 / value("window", "triton", "fwd+bwd", window_T, "window_vs_causal_calls", "softmax"),
     ]
 
 
@@ -540,7 +552,8 @@ def target_rows(out: Path, dry_run: bool) -> list[tuple[str, str, str, str]]:
         largest = (
             int(df["T"][df["stage"] == "flash"].max()) if dry_run and (df["stage"] == "flash").any() else 8192
         )
-        values = measured_targets(df, largest, largest if dry_run else 16384)
+        window_T = int(df["T"][df["stage"] == "window"].max()) if (df["stage"] == "window").any() else 16384
+        values = measured_targets(df, largest, largest if dry_run else 16384, window_T)
     return [
         (
             t.what,
@@ -615,7 +628,7 @@ STAGES = (
     Stage("warm", 200, stage_warm, "compile the speed and training kernels into Triton's cache"),
     Stage("env", 40, stage_env, "GPU, driver, versions, commit, matmul and copy ceilings"),
     Stage("correctness", 170, stage_correctness, "pytest tests/gpu -m 'not slow'"),
-    Stage("speed", 150, stage_speed, "bench: flash, linear, decode, rows"),
+    Stage("speed", 150, stage_speed, "bench: flash, linear, window, decode, rows"),
     Stage("training", 90, stage_training, f"{TRAIN_ITERS} iterations of {TRAIN_PRESET} per attention"),
 )
 

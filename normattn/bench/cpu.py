@@ -23,7 +23,7 @@ from tqdm import tqdm
 import normattn
 
 from .measure import MIB, PASSES, SDPA_KERNELS, attend_fn, measured_row, pass_call, sdpa_baseline, supports
-from .report import add_ratio
+from .report import add_ratio, add_window_cost
 
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 DEFAULT_T, QUICK_T = (256, 1024, 4096, 8192), (256, 1024)
@@ -142,15 +142,3 @@ def run_cpu(
     add_ratio(df, "speedup_vs_sdpa", df["backend"].isin(SDPA_KERNELS))
     add_window_cost(df)
     return df
-
-
-def add_window_cost(df: pd.DataFrame) -> None:
-    """``window_vs_causal_calls``: a windowed case's time over ``T / T'`` calls of the same case
-    without a window at ``T'`` (the sliding-window issue's "within 1.5x of 16 T = 1024 calls")."""
-    if (df["window"] == "").all():
-        return
-    family = ["backend", "normalizer", "pass", "causal"]
-    plain = df[df["window"] == ""][[*family, "T", "median_ms"]]
-    both = df.merge(plain.rename(columns={"T": "_T", "median_ms": "_ms"}), on=family, how="left")
-    cost = both["median_ms"] / (both["_ms"] * both["T"] / both["_T"])
-    df["window_vs_causal_calls"] = cost.where(df["window"] != "").to_numpy()

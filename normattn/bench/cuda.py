@@ -1,6 +1,7 @@
-"""The CUDA stages ``run_flash``, ``run_linear``, ``run_decode`` and ``run_rows``: functions of a
-``CudaConfig`` returning one row per case (a DataFrame). Each runs on its own (a time-boxed GPU session
-calls them one by one) and, with ``CudaConfig.tiny()``, on the CPU under ``TRITON_INTERPRET=1``."""
+"""The CUDA stages ``run_flash``, ``run_linear``, ``run_window``, ``run_decode`` and ``run_rows``:
+functions of a ``CudaConfig`` returning one row per case (a DataFrame). Each runs on its own (a
+time-boxed GPU session calls them one by one) and, with ``CudaConfig.tiny()``, on the CPU under
+``TRITON_INTERPRET=1``."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ PASS_FLOPS = {"fwd": 1.0, "fwd+bwd": 3.5, "jvp": 3.0, "jvp+bwd": 10.5}
 ROW_MATRICES = {"max fwd": 1, "max fwd+bwd": 2, "softmax fwd": 2, "softmax fwd+bwd": 5}
 # Every stage's columns, so that stages concatenate and an empty stage still has them.
 COLUMNS = [
-    "stage", "op", "backend", "normalizer", "pass", "T", "causal", "d", "B", "H", "n_rows", "dtype",
+    "stage", "op", "backend", "normalizer", "pass", "T", "causal", "window", "d", "B", "H", "n_rows", "dtype",
     "status", "median_ms", "iqr_ms", "repeats", "peak_mib", "state_mib", "note",
 ]  # fmt: skip
 METHOD = """\
@@ -53,6 +54,8 @@ class CudaConfig:
     causal: tuple[bool, ...] = (True,)
     passes: tuple[str, ...] = PASSES
     normalizers: tuple[str, ...] | None = None  # None: every one in normattn.NORMALIZERS
+    # (T, window) of the window stage: the window's cost against T / T' causal calls of the first T'
+    window_cases: tuple[tuple[int, tuple[int, int] | None], ...] = ((1024, None), (16384, (512, 0)))
     decode_context: int = 32768
     row_shapes: tuple[tuple[int, int], ...] = ((16384, 4096), (4096, 32768))  # (rows, row length)
     case_budget_s: float = 0.1  # do_bench's window per case (CPU: adaptive_autorange's limit)
@@ -62,7 +65,8 @@ class CudaConfig:
     def tiny(cls, **changes) -> CudaConfig:
         """The dry run: every stage on the CPU, tiny shapes, float32, few repeats."""
         tiny = cls(device="cpu", dtype=torch.float32, batch=1, heads=2, head_dims=(16,), T_values=(16, 32))
-        return replace(tiny, decode_context=64, row_shapes=((8, 64),), case_budget_s=0.01, **changes)
+        tiny = replace(tiny, window_cases=((16, None), (48, (8, 0))), decode_context=64)
+        return replace(tiny, row_shapes=((8, 64),), case_budget_s=0.01, **changes)
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
@@ -90,7 +94,8 @@ def _run(stage: str, cases: list[dict], make_call: MakeCall, config: CudaConfig)
 
 def _attention_call(config: CudaConfig, case: dict) -> Callable[[], None]:
     qkv = [config.randn(case["B"], case["H"], case["T"], case["d"]) for _ in "qkv"]
-    return pass_call(attend_fn(case["backend"], case["normalizer"], case["causal"]), case["pass"], qkv)
+    attend = attend_fn(case["backend"], case["normalizer"], case["causal"], case.get("window"))
+    return pass_call(attend, case["pass"], qkv)
 
 
 def _attention_stage(stage: str, config: CudaConfig, subjects, passes, head_dims, causal) -> pd.DataFrame:
@@ -122,6 +127,23 @@ def run_linear(config: CudaConfig = CudaConfig()) -> pd.DataFrame:
     subjects.append(("sdpa-flash", "softmax"))
     passes = [pass_name for pass_name in config.passes if pass_name in ("fwd", "fwd+bwd")]
     return _attention_stage("linear", config, lambda _: subjects, passes, config.head_dims[:1], (True,))
+
+
+def run_window(config: CudaConfig = CudaConfig()) -> pd.DataFrame:
+    """Causal ``fwd`` and ``fwd+bwd`` of ``triton`` with a sliding window against causal calls without
+    one (``window_vs_causal_calls``: the window's cost in calls of the first T, covering its T)."""
+    passes = [pass_name for pass_name in config.passes if pass_name in ("fwd", "fwd+bwd")]
+    d = config.head_dims[0]
+    grid = itertools.product(config.window_cases, passes, config.supported("triton"))
+    shape = {"causal": True, "d": d, "B": config.batch, "H": config.heads}
+    cases = [
+        {"backend": "triton", "normalizer": name, "pass": pass_name, "T": T, "window": window, **shape}
+        for (T, window), pass_name, name in grid
+    ]
+    df = _run("window", cases, _attention_call, config)
+    df["window"] = df["window"].map(lambda w: f"{w[0]},{w[1]}" if isinstance(w, tuple) else "")
+    report.add_window_cost(df)
+    return df
 
 
 def linear_crossover(df: pd.DataFrame) -> pd.DataFrame:
@@ -204,6 +226,6 @@ def run_rows(config: CudaConfig = CudaConfig()) -> pd.DataFrame:
 
 
 def run_cuda(config: CudaConfig = CudaConfig()) -> pd.DataFrame:
-    """All four stages, one after the other, in one DataFrame."""
-    stages = (run_flash, run_linear, run_decode, run_rows)
+    """All five stages, one after the other, in one DataFrame."""
+    stages = (run_flash, run_linear, run_window, run_decode, run_rows)
     return pd.concat([stage(config) for stage in stages], ignore_index=True)

@@ -71,6 +71,18 @@ def add_ratio(
     df[name] = df[keys].merge(base, on=keys, how="left")["_base"].to_numpy() / measured.to_numpy()
 
 
+def add_window_cost(df: pd.DataFrame) -> None:
+    """``window_vs_causal_calls``: a windowed case's time over ``T / T'`` calls of the same case
+    without a window at ``T'`` (the sliding-window issue's "within 1.5x of 16 T = 1024 calls")."""
+    if (df["window"] == "").all():
+        return
+    family = ["backend", "normalizer", "pass", "causal"]
+    plain = df[df["window"] == ""][[*family, "T", "median_ms"]]
+    both = df.merge(plain.rename(columns={"T": "_T", "median_ms": "_ms"}), on=family, how="left")
+    cost = both["median_ms"] / (both["_ms"] * both["T"] / both["_T"])
+    df["window_vs_causal_calls"] = cost.where(df["window"] != "").to_numpy()
+
+
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
