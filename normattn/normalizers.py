@@ -14,7 +14,7 @@ Every member of the family weighs row ``i`` of the scores ``s_ij`` (over the key
 
 A spec gives ``phi``, ``psi`` and their first and second derivatives as functions
 ``f(x, e, p)`` of the shifted score ``x``, the row factor ``e`` and the call's parameter ``p`` (the
-sigmoid's bias). From these, :meth:`Normalizer.terms` and :meth:`Normalizer.second_terms` give
+sigmoid's bias). From these, :meth:`Normalizer.terms` and :meth:`Normalizer.all_terms` give
 every coefficient the backward, the JVP and the gradient of the JVP need (docs/math.md derives
 them); the torch kernels and the reference read nothing else. The Triton kernels evaluate the same
 functions through the ``@triton.jit`` helpers of ``normattn/normalizers_triton.py``, selected by
@@ -168,16 +168,19 @@ class Normalizer:
             return w, dphi, dpsi
         return w, dphi * inv_norm, dpsi * slope
 
-    def second_terms(self, s: Tensor, stat: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
-        """``(a2, b2, c)``: ``a2 = phi'' / N``, ``b2 = N' psi'' / N`` and the row's ``c = N N'' / N'^2``.
+    def all_terms(self, s: Tensor, stat: Tensor, p: float) -> tuple[Tensor, ...]:
+        """``(w, a, b, a2, b2, c)``: ``terms`` (exact) and the second-order ``a2 = phi'' / N``,
+        ``b2 = N' psi'' / N`` and the row's ``c = N N'' / N'^2``, from one evaluation (softmax's
+        five element values are one exponential, and shared).
 
         They enter the gradient of the JVP's tangent output (docs/math.md, section 7).
         """
         x, e, inv_norm, slope, curvature = self._evaluate(s, stat, p)
-        d2phi, d2psi = self._apply((self.d2phi, self.d2psi), x, e, p)
+        functions = (self.phi, self.dphi, self.dpsi, self.d2phi, self.d2psi)
+        phi, dphi, dpsi, d2phi, d2psi = self._apply(functions, x, e, p)
         if inv_norm is None:
-            return d2phi, d2psi, torch.zeros_like(stat[..., None])
-        return d2phi * inv_norm, d2psi * slope, curvature
+            return phi, dphi, dpsi, d2phi, d2psi, torch.zeros_like(stat[..., None])
+        return phi * inv_norm, dphi * inv_norm, dpsi * slope, d2phi * inv_norm, d2psi * slope, curvature
 
     def row_statistic(self, shift: Tensor, norm: Tensor) -> Tensor:
         """The statistic a shifted normalizer keeps, ``L = m + log N`` (``+inf`` where ``N = 0``)."""

@@ -2,7 +2,7 @@
 
 Scores are built one ``QUERY_BLOCK x KEY_BLOCK`` tile at a time, so memory is ``O(T d)`` plus a few
 tiles, never ``Tq x Tk``. Four kernels, each one pass over the visible tiles, with the formulas of
-docs/math.md written through the spec's coefficients (``Normalizer.terms``/``second_terms``):
+docs/math.md written through the spec's coefficients (``Normalizer.terms``/``all_terms``):
 
 * ``forward``: running sums of ``phi v`` and ``psi`` (rescaled by the running max for a shifted
   normalizer); returns ``O`` and the row statistic (``L = m + log N`` shifted, ``Psi`` otherwise).
@@ -138,23 +138,21 @@ class _Call:
         return keep.to(self.acc) / (1 - self.problem.dropout_p)
 
     def terms(self, s: Tensor, stat: Tensor, visible: Tensor | None, second: bool = False):
-        """The spec's coefficients of a tile, 0 where a pair is not visible."""
+        """The spec's coefficients of a tile, 0 where a pair is not visible: ``(w, a, b)``, or with
+        ``second`` ``(w, a, b, a2, b2, c)``. Coefficients the spec computes as one tensor (softmax's
+        five are one exponential) stay one tensor."""
         spec, p = self.problem.normalizer, self.problem.parameter
         if second:
-            a2, b2, c = spec.second_terms(s, stat, p)
-            return (
-                (a2, b2, c)
-                if visible is None
-                else (torch.where(visible, a2, 0.0), torch.where(visible, b2, 0.0), c)
-            )
-        values = spec.terms(s, stat, p, self.problem.grad)
-        if visible is None:
-            return values
-        masked: dict[int, Tensor] = {}  # w, a, b may be one tensor (softmax): mask it once
-        for x in values:
-            if id(x) not in masked:
-                masked[id(x)] = torch.where(visible, x, 0.0)
-        return tuple(masked[id(x)] for x in values)
+            *values, c = spec.all_terms(s, stat, p)
+        else:
+            values = spec.terms(s, stat, p, self.problem.grad)
+        if visible is not None:
+            masked: dict[int, Tensor] = {}  # mask a shared tensor once
+            for x in values:
+                if id(x) not in masked:
+                    masked[id(x)] = torch.where(visible, x, 0.0)
+            values = [masked[id(x)] for x in values]
+        return (*values, c) if second else tuple(values)
 
     def sink_weight(self, stat: Tensor) -> Tensor:
         """``alpha_i / N_i`` of the sink, ``exp(a_h - L_i)`` (0 for a row whose statistic is inf)."""
@@ -384,8 +382,7 @@ def tangent_backward(
         q_r, qd_r, h_r = call.q[..., rows, :], qd[..., rows, :], h[..., rows, :]
         k_b, kd_b, v_b, vd_b = call.k[..., keys, :], kd[..., keys, :], call.v[..., keys, :], vd[..., keys, :]
         s, sd = call.scores(rows, keys), call.score_tangent(rows, keys)
-        w, a, b = call.terms(s, stat[..., rows], visible)
-        a2, b2, c = call.terms(s, stat[..., rows], visible, second=True)
+        w, a, b, a2, b2, c = call.terms(s, stat[..., rows], visible, second=True)
         keep = call.dropout(rows, keys)
         mu_r, h_out_r = mu[..., rows, None], h_out[..., rows, None]
         u = _dropped(h_r @ v_b.transpose(-2, -1), keep)  # h_i . v_j  [R, K]
