@@ -130,6 +130,7 @@ OPTIONS = {
     # the torch backend's own window paths: PyTorch's fused kernel on the band (softmax) and the
     # linear-time window form (beta); the Triton kernels take it as the window above
     "causal-window+gqa": dict(causal=True, window=(3, None), enable_gqa=True),
+    "causal+gqa": dict(causal=True, enable_gqa=True),  # the linear-time chunked form shares key states
 }
 
 
@@ -137,10 +138,10 @@ OPTIONS = {
 @pytest.mark.parametrize(("normalizer", "backend"), CASES, ids=lambda x: str(x))
 def test_every_composition_is_exact_or_raises(normalizer, backend, options):
     kwargs = dict(OPTIONS[options])
-    if backend == "triton-linear" and options != "causal":
+    if backend == "triton-linear" and options not in ("causal", "causal+gqa"):
         pytest.skip("the linear-time form takes no window or general mask (a ValueError, tested elsewhere)")
-    if backend == "triton" and options == "causal-window+gqa":
-        pytest.skip("the Triton kernels' window is the window+mask+gqa case")
+    if backend == "triton" and options in ("causal-window+gqa", "causal+gqa"):
+        pytest.skip("the Triton kernels take grouped heads and windows in the window+mask+gqa case")
     kv_heads = 1 if kwargs.get("enable_gqa") else 2
     reference = _compositions(_attention("reference", normalizer, **kwargs), kv_heads)
     candidate = _compositions(_attention(backend, normalizer, **kwargs), kv_heads)

@@ -421,25 +421,31 @@ def tangent_backward(
     problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot, out_dot, aux, h,
     need_tangent: bool = True, chunk_size: int = CHUNK_SIZE,
 ):  # fmt: skip
-    """The gradient of ``<h, Od>`` by forward mode through the hand-derived backward.
+    """The gradient of ``<h, Od>`` by forward mode through the hand-derived backward."""
+    backward_of = functools.partial(backward, chunk_size=chunk_size)
+    return tangent_backward_through(
+        backward_of, problem, q, k, v, out, q_dot, k_dot, v_dot, out_dot, h, need_tangent
+    )
 
-    ``_backward(q, k, v, O, h)`` is a pure function of its inputs in torch ops (it recomputes the
-    row norms from ``G q``), and the gradient of ``<h, J(x) t>`` with respect to ``x`` is its
-    tangent along ``(t, Od)`` (docs/math.md, "Gradients through the JVP"); its value is ``J^T h``,
-    the gradient with respect to the tangents. One ``torch.func.jvp`` call gives both, in
-    ``O(T d^2)`` time and memory like the backward itself.
+
+def tangent_backward_through(
+    backward_of, problem: Problem, q, k, v, out, q_dot, k_dot, v_dot, out_dot, h, need_tangent: bool
+):  # fmt: skip
+    """``tangent_backward`` of a linear-time path from its ``backward`` kernel.
+
+    The backward ``(q, k, v, O, h) -> (dq, dk, dv)`` is a pure function of its inputs in torch ops
+    (it recomputes the row norms from ``G q``), and the gradient of ``<h, J(x) t>`` with respect to
+    ``x`` is its tangent along ``(t, Od)`` (docs/math.md, "Gradients through the JVP"); its value is
+    ``J^T h``, the gradient with respect to the tangents. One ``torch.func.jvp`` call gives both, in
+    ``O(T d^2)`` time and memory like the backward itself (grouped-query heads as the backward has them).
     """
-    options = _options(problem, chunk_size)
 
     def vjp_of(q, k, v, out):
-        return _backward(q, k, v, out, h, *options)
+        return backward_of(problem, q, k, v, None, None, None, out, None, h)[:3]
 
     grads, grads_dot = torch.func.jvp(vjp_of, (q, k, v, out), (q_dot, k_dot, v_dot, out_dot))
-    primal = tuple(d.to(x.dtype) for d, x in zip(grads_dot, (q, k, v), strict=True))
-    tangent = (
-        tuple(d.to(x.dtype) for d, x in zip(grads, (q, k, v), strict=True)) if need_tangent else (None,) * 3
-    )
-    return (*primal, None, *tangent, None)
+    tangent = grads if need_tangent else (None,) * 3
+    return (*grads_dot, None, *tangent, None)
 
 
 KERNELS = Kernels("torch", forward, backward, jvp, tangent_backward)

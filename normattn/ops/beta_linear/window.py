@@ -38,6 +38,7 @@ from .chunk import (
     norm_from_squared,
     outer_sum,
     rows_placeholder,
+    tangent_backward_through,
 )
 
 CHUNK_SIZE = 64
@@ -350,14 +351,10 @@ def tangent_backward(
     problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot, out_dot, aux, h,
     need_tangent: bool = True,
 ):  # fmt: skip
-    """The gradient of ``<h, Od>`` by forward mode through ``backward`` (as ``chunk.tangent_backward``)."""
-
-    def vjp_of(q, k, v, out):
-        return backward(problem, q, k, v, None, None, None, out, None, h)[:3]
-
-    grads, grads_dot = torch.func.jvp(vjp_of, (q, k, v, out), (q_dot, k_dot, v_dot, out_dot))
-    tangent = grads if need_tangent else (None,) * 3
-    return (*grads_dot, None, *tangent, None)
+    """The gradient of ``<h, Od>`` by forward mode through ``backward`` (as in ``chunk.py``)."""
+    return tangent_backward_through(
+        backward, problem, q, k, v, out, q_dot, k_dot, v_dot, out_dot, h, need_tangent
+    )
 
 
 KERNELS = Kernels("torch", forward, backward, jvp, tangent_backward)
