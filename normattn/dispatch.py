@@ -119,12 +119,9 @@ def _linear(backend: str, problem: Problem, q: Tensor, k: Tensor, v: Tensor, mas
         from .ops.beta_linear.chunk import beta_linear_attention
 
         return beta_linear_attention(problem, q, k, v)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # the chunked Triton kernels take one key/value head per query head
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     from .ops.beta_linear.triton_chunk import beta_linear_attention_triton
 
-    return beta_linear_attention_triton(problem, q, k, v)
+    return beta_linear_attention_triton(problem, q, k, v)  # grouped-query heads natively
 
 
 def max_reduce_backend(backend: str, x: Tensor) -> str:

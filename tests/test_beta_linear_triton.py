@@ -53,11 +53,13 @@ class Case:
     chunk: int = 16
     dtype: torch.dtype = torch.float64
     heads: int = 1
+    kv_heads: int | None = None  # grouped-query heads: fewer key/value heads than query heads
 
     def __str__(self) -> str:
         kind = "causal" if self.causal else "full"
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"q{self.t_q}-k{self.t_k}-d{self.d}-dv{self.dv}-{kind}-{self.grad}-c{self.chunk}-{dtype}"
+        gqa = f"-h{self.heads}kv{self.kv_heads}" if self.kv_heads else ""
+        return f"q{self.t_q}-k{self.t_k}-d{self.d}-dv{self.dv}-{kind}-{self.grad}-c{self.chunk}-{dtype}{gqa}"
 
 
 CASES = [
@@ -76,14 +78,18 @@ CASES = [
     Case(63, 63, 24, 20, causal=True, grad="seed", chunk=32),
     Case(45, 20, 24, 20, causal=True, grad="seed"),
     Case(20, 45, 80, 24, causal=False, grad="seed", chunk=32),
+    # grouped-query heads: the kernels read the shared head, the backward sums over its group
+    Case(63, 63, 24, 20, causal=True, chunk=32, heads=4, kv_heads=2),
+    Case(45, 20, 24, 20, causal=True, heads=3, kv_heads=1),
+    Case(20, 45, 24, 20, causal=False, grad="seed", heads=4, kv_heads=1),
 ]
 
 
 def _inputs(case: Case, batch: int = 1) -> tuple[torch.Tensor, ...]:
-    shape = (batch, case.heads)
+    shape, kv_shape = (batch, case.heads), (batch, case.kv_heads or case.heads)
     q = torch.randn(*shape, case.t_q, case.d, dtype=torch.float64)
-    k = torch.randn(*shape, case.t_k, case.d, dtype=torch.float64)
-    v = torch.randn(*shape, case.t_k, case.dv, dtype=torch.float64)
+    k = torch.randn(*kv_shape, case.t_k, case.d, dtype=torch.float64)
+    v = torch.randn(*kv_shape, case.t_k, case.dv, dtype=torch.float64)
     return q, k, v
 
 

@@ -200,7 +200,9 @@ def test_features_gradcheck(name, feature, backend):
 
 
 @pytest.mark.parametrize(
-    ("backend", "name"), [("torch", "sigmoid"), ("torch", "beta"), ("triton", "sigmoid")], ids=str
+    ("backend", "name"),
+    [("torch", "sigmoid"), ("torch", "beta"), ("triton", "sigmoid"), ("triton-linear", "beta")],
+    ids=str,
 )
 def test_kernels_never_repeat_keys_or_expand_masks(backend, name, monkeypatch):
     """The kernel backends use the shared key/value heads and the broadcast mask in place (the

@@ -275,6 +275,7 @@ def _beta_chunk_fwd_kernel(
     stride_state_chunk,
     stride_state_row,
     n_heads,
+    n_groups,
     t_q,
     t_k,
     row_shift,
@@ -290,21 +291,25 @@ def _beta_chunk_fwd_kernel(
     NV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """``O`` and ``r`` for one chunk of queries: states for earlier chunks, a score tile for this one."""
+    """``O`` and ``r`` for one chunk of queries: states for earlier chunks, a score tile for this one.
+
+    Query head ``head`` reads key/value head ``head // n_groups`` and its states (grouped-query heads)."""
     chunk = tl.program_id(0) + first_chunk
     bh = tl.program_id(1).to(tl.int64)
     batch, head = bh // n_heads, bh % n_heads
+    kv_head = head // n_groups
+    kv_bh = batch * (n_heads // n_groups) + kv_head
     pos = tl.arange(0, BT)
     q_rows = chunk * BT + pos - row_shift
     q_ok = (q_rows >= 0) & (q_rows < t_q)
     k_rows = chunk * BT + pos
     k_ok = k_rows < t_k
     q_base = q_ptr + batch * stride_q_b + head * stride_q_h
-    k_base = k_ptr + batch * stride_k_b + head * stride_k_h
-    v_base = v_ptr + batch * stride_v_b + head * stride_v_h
+    k_base = k_ptr + batch * stride_k_b + kv_head * stride_k_h
+    v_base = v_ptr + batch * stride_v_b + kv_head * stride_v_h
     o_base = o_ptr + batch * stride_o_b + head * stride_o_h
-    g_base = g_ptr + bh * stride_state_bh + chunk * stride_state_chunk
-    h_base = h_ptr + bh * stride_state_bh + chunk * stride_state_chunk
+    g_base = g_ptr + kv_bh * stride_state_bh + chunk * stride_state_chunk
+    h_base = h_ptr + kv_bh * stride_state_bh + chunk * stride_state_chunk
     acc_dtype = g_ptr.dtype.element_ty
 
     # r_i^2 / c^2 = q_i^T G_in q_i + (squared unscaled scores inside the chunk)
@@ -396,6 +401,7 @@ def _beta_chunk_bwd_kernel(
     stride_rev_chunk,
     stride_rev_row,
     n_heads,
+    n_groups,
     t_q,
     t_k,
     row_shift,
@@ -415,105 +421,112 @@ def _beta_chunk_bwd_kernel(
 
     ``g, h`` are the forward states ``G, H`` entering the chunk, ``w, r`` the reverse states ``W, R``
     from the later chunks; ``coef_a = 1/N`` and ``coef_rho`` (``rho``, or the seed's ``-D/(r^2 N)``).
+    One program per key/value head: it loops over the ``n_groups`` query heads that share it and sums
+    their ``dk, dv`` into the zeroed float32 (float64) ``dk, dv`` it alone writes (no atomics).
     """
     chunk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    batch, head = bh // n_heads, bh % n_heads
+    kv_bh = tl.program_id(1).to(tl.int64)
+    n_kv_heads = n_heads // n_groups
+    batch, kv_head = kv_bh // n_kv_heads, kv_bh % n_kv_heads
     pos = tl.arange(0, BT)
     q_rows = chunk * BT + pos - row_shift
     q_ok = (q_rows >= 0) & (q_rows < t_q)
     k_rows = chunk * BT + pos
     k_ok = k_rows < t_k
-    q_base = q_ptr + batch * stride_q_b + head * stride_q_h
-    k_base = k_ptr + batch * stride_k_b + head * stride_k_h
-    v_base = v_ptr + batch * stride_v_b + head * stride_v_h
-    do_base = do_ptr + batch * stride_do_b + head * stride_do_h
-    g_base = g_ptr + bh * stride_fwd_bh + chunk * stride_fwd_chunk
-    h_base = h_ptr + bh * stride_fwd_bh + chunk * stride_fwd_chunk
-    w_base = w_ptr + bh * stride_rev_bh + chunk * stride_rev_chunk
-    r_base = r_ptr + bh * stride_rev_bh + chunk * stride_rev_chunk
+    k_base = k_ptr + batch * stride_k_b + kv_head * stride_k_h
+    v_base = v_ptr + batch * stride_v_b + kv_head * stride_v_h
+    dk_base = dk_ptr + batch * stride_dk_b + kv_head * stride_dk_h
+    dv_base = dv_ptr + batch * stride_dv_b + kv_head * stride_dv_h
+    g_base = g_ptr + kv_bh * stride_fwd_bh + chunk * stride_fwd_chunk
+    h_base = h_ptr + kv_bh * stride_fwd_bh + chunk * stride_fwd_chunk
     acc_dtype = g_ptr.dtype.element_ty
-    coef_a = tl.load(coef_a_ptr + bh * t_q + q_rows, mask=q_ok, other=0.0)
-    coef_rho = tl.load(coef_rho_ptr + bh * t_q + q_rows, mask=q_ok, other=0.0)
-
-    if CAUSAL:
-        visible = pos[None, :] <= pos[:, None]
-        scores = _add_scores(
-            tl.zeros([BT, BT], dtype=acc_dtype),
-            q_base, stride_q_t, stride_q_d, q_rows, q_ok,
-            k_base, stride_k_t, stride_k_d, k_rows, k_ok,
-            dim_k, BK, NK, DOT_PRECISION,
-        )  # fmt: skip
-        scores = tl.where(visible, scores, 0.0)
-        # ds / c, with ds_ij = a_i (g_i . v_j) - c rho_i (q_i . k_j)
-        dscores = -(scale * coef_rho)[:, None] * scores
-        if not SEED:
-            dvalues = _add_scores(
+    for group in range(n_groups):
+        head = kv_head * n_groups + group
+        bh = batch * n_heads + head
+        q_base = q_ptr + batch * stride_q_b + head * stride_q_h
+        do_base = do_ptr + batch * stride_do_b + head * stride_do_h
+        w_base = w_ptr + bh * stride_rev_bh + chunk * stride_rev_chunk
+        r_base = r_ptr + bh * stride_rev_bh + chunk * stride_rev_chunk
+        coef_a = tl.load(coef_a_ptr + bh * t_q + q_rows, mask=q_ok, other=0.0)
+        coef_rho = tl.load(coef_rho_ptr + bh * t_q + q_rows, mask=q_ok, other=0.0)
+        if CAUSAL:
+            visible = pos[None, :] <= pos[:, None]
+            scores = _add_scores(
                 tl.zeros([BT, BT], dtype=acc_dtype),
-                do_base, stride_do_t, stride_do_d, q_rows, q_ok,
-                v_base, stride_v_t, stride_v_d, k_rows, k_ok,
-                dim_v, BV, NV, DOT_PRECISION,
+                q_base, stride_q_t, stride_q_d, q_rows, q_ok,
+                k_base, stride_k_t, stride_k_d, k_rows, k_ok,
+                dim_k, BK, NK, DOT_PRECISION,
             )  # fmt: skip
-            dscores += coef_a[:, None] * tl.where(visible, dvalues, 0.0)
-        probs = coef_a[:, None] * scores
+            scores = tl.where(visible, scores, 0.0)
+            # ds / c, with ds_ij = a_i (g_i . v_j) - c rho_i (q_i . k_j)
+            dscores = -(scale * coef_rho)[:, None] * scores
+            if not SEED:
+                dvalues = _add_scores(
+                    tl.zeros([BT, BT], dtype=acc_dtype),
+                    do_base, stride_do_t, stride_do_d, q_rows, q_ok,
+                    v_base, stride_v_t, stride_v_d, k_rows, k_ok,
+                    dim_v, BV, NV, DOT_PRECISION,
+                )  # fmt: skip
+                dscores += coef_a[:, None] * tl.where(visible, dvalues, 0.0)
+            probs = coef_a[:, None] * scores
 
-    for ik in range(NK):
-        k_cols = ik * BK + tl.arange(0, BK)
-        k_cols_ok = k_cols < dim_k
-        # dq_i / c = a_i H_in g_i - c rho_i G_in q_i + sum_j ds_ij k_j
-        dq = -(scale * coef_rho)[:, None] * _add_rows_times_state(
-            tl.zeros([BT, BK], dtype=acc_dtype),
-            q_base, stride_q_t, stride_q_d, q_rows, q_ok, dim_k,
-            g_base, stride_fwd_row, 1, k_cols, k_cols_ok,
-            BK, NK, DOT_PRECISION,
-        )  # fmt: skip
-        # dk_j / c = R_in v_j - c W_in k_j + sum_i ds_ij q_i
-        dk = -scale * _add_rows_times_state(
-            tl.zeros([BT, BK], dtype=acc_dtype),
-            k_base, stride_k_t, stride_k_d, k_rows, k_ok, dim_k,
-            w_base, stride_rev_row, 1, k_cols, k_cols_ok,
-            BK, NK, DOT_PRECISION,
-        )  # fmt: skip
-        if not SEED:
-            dq += coef_a[:, None] * _add_rows_times_state(
+        for ik in range(NK):
+            k_cols = ik * BK + tl.arange(0, BK)
+            k_cols_ok = k_cols < dim_k
+            # dq_i / c = a_i H_in g_i - c rho_i G_in q_i + sum_j ds_ij k_j
+            dq = -(scale * coef_rho)[:, None] * _add_rows_times_state(
                 tl.zeros([BT, BK], dtype=acc_dtype),
-                do_base, stride_do_t, stride_do_d, q_rows, q_ok, dim_v,
-                h_base, 1, stride_fwd_row, k_cols, k_cols_ok,
-                BV, NV, DOT_PRECISION,
+                q_base, stride_q_t, stride_q_d, q_rows, q_ok, dim_k,
+                g_base, stride_fwd_row, 1, k_cols, k_cols_ok,
+                BK, NK, DOT_PRECISION,
             )  # fmt: skip
-            dk = _add_rows_times_state(
-                dk,
-                v_base, stride_v_t, stride_v_d, k_rows, k_ok, dim_v,
-                r_base, 1, stride_rev_row, k_cols, k_cols_ok,
-                BV, NV, DOT_PRECISION,
+            # dk_j / c = R_in v_j - c W_in k_j + sum_i ds_ij q_i
+            dk = -scale * _add_rows_times_state(
+                tl.zeros([BT, BK], dtype=acc_dtype),
+                k_base, stride_k_t, stride_k_d, k_rows, k_ok, dim_k,
+                w_base, stride_rev_row, 1, k_cols, k_cols_ok,
+                BK, NK, DOT_PRECISION,
             )  # fmt: skip
-        if CAUSAL:
-            k = load_tile(k_base, k_rows, k_ok, k_cols, k_cols_ok, stride_k_t, stride_k_d)
-            q = load_tile(q_base, q_rows, q_ok, k_cols, k_cols_ok, stride_q_t, stride_q_d)
-            # [BT, BT] @ [BT, BK] -> [BT, BK], both ways round the diagonal tile
-            dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(dscores).to(q.dtype), q, input_precision=DOT_PRECISION)
-        store_tile(dq_ptr + batch * stride_dq_b + head * stride_dq_h, dq * scale,
-                    q_rows, q_ok, k_cols, k_cols_ok, stride_dq_t, stride_dq_d)  # fmt: skip
-        store_tile(dk_ptr + batch * stride_dk_b + head * stride_dk_h, dk * scale,
-                    k_rows, k_ok, k_cols, k_cols_ok, stride_dk_t, stride_dk_d)  # fmt: skip
+            if not SEED:
+                dq += coef_a[:, None] * _add_rows_times_state(
+                    tl.zeros([BT, BK], dtype=acc_dtype),
+                    do_base, stride_do_t, stride_do_d, q_rows, q_ok, dim_v,
+                    h_base, 1, stride_fwd_row, k_cols, k_cols_ok,
+                    BV, NV, DOT_PRECISION,
+                )  # fmt: skip
+                dk = _add_rows_times_state(
+                    dk,
+                    v_base, stride_v_t, stride_v_d, k_rows, k_ok, dim_v,
+                    r_base, 1, stride_rev_row, k_cols, k_cols_ok,
+                    BV, NV, DOT_PRECISION,
+                )  # fmt: skip
+            if CAUSAL:
+                k = load_tile(k_base, k_rows, k_ok, k_cols, k_cols_ok, stride_k_t, stride_k_d)
+                q = load_tile(q_base, q_rows, q_ok, k_cols, k_cols_ok, stride_q_t, stride_q_d)
+                # [BT, BT] @ [BT, BK] -> [BT, BK], both ways round the diagonal tile
+                dq += tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+                dk += tl.dot(tl.trans(dscores).to(q.dtype), q, input_precision=DOT_PRECISION)
+            store_tile(dq_ptr + batch * stride_dq_b + head * stride_dq_h, dq * scale,
+                        q_rows, q_ok, k_cols, k_cols_ok, stride_dq_t, stride_dq_d)  # fmt: skip
+            dk = dk * scale + load_tile(dk_base, k_rows, k_ok, k_cols, k_cols_ok, stride_dk_t, stride_dk_d)
+            store_tile(dk_base, dk, k_rows, k_ok, k_cols, k_cols_ok, stride_dk_t, stride_dk_d)
 
-    for iv in range(NV):
-        v_cols = iv * BV + tl.arange(0, BV)
-        v_cols_ok = v_cols < dim_v
-        # dv_j / c = R_in^T k_j + sum_i a_i (q_i . k_j) g_i
-        dv = _add_rows_times_state(
-            tl.zeros([BT, BV], dtype=acc_dtype),
-            k_base, stride_k_t, stride_k_d, k_rows, k_ok, dim_k,
-            r_base, stride_rev_row, 1, v_cols, v_cols_ok,
-            BK, NK, DOT_PRECISION,
-        )  # fmt: skip
-        if CAUSAL:
-            do = load_tile(do_base, q_rows, q_ok, v_cols, v_cols_ok, stride_do_t, stride_do_d)
-            # [BT, BT]^T @ [BT, BV] -> [BT, BV]
-            dv += tl.dot(tl.trans(probs).to(do.dtype), do, input_precision=DOT_PRECISION)
-        store_tile(dv_ptr + batch * stride_dv_b + head * stride_dv_h, dv * scale,
-                    k_rows, k_ok, v_cols, v_cols_ok, stride_dv_t, stride_dv_d)  # fmt: skip
+        for iv in range(NV):
+            v_cols = iv * BV + tl.arange(0, BV)
+            v_cols_ok = v_cols < dim_v
+            # dv_j / c = R_in^T k_j + sum_i a_i (q_i . k_j) g_i
+            dv = _add_rows_times_state(
+                tl.zeros([BT, BV], dtype=acc_dtype),
+                k_base, stride_k_t, stride_k_d, k_rows, k_ok, dim_k,
+                r_base, stride_rev_row, 1, v_cols, v_cols_ok,
+                BK, NK, DOT_PRECISION,
+            )  # fmt: skip
+            if CAUSAL:
+                do = load_tile(do_base, q_rows, q_ok, v_cols, v_cols_ok, stride_do_t, stride_do_d)
+                # [BT, BT]^T @ [BT, BV] -> [BT, BV]
+                dv += tl.dot(tl.trans(probs).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dv = dv * scale + load_tile(dv_base, k_rows, k_ok, v_cols, v_cols_ok, stride_dv_t, stride_dv_d)
+            store_tile(dv_base, dv, k_rows, k_ok, v_cols, v_cols_ok, stride_dv_t, stride_dv_d)
 
 
 @triton.jit
@@ -567,6 +580,7 @@ def _beta_chunk_jvp_kernel(
     stride_state_chunk,
     stride_state_row,
     n_heads,
+    n_groups,
     t_q,
     t_k,
     row_shift,
@@ -592,19 +606,21 @@ def _beta_chunk_jvp_kernel(
     chunk = tl.program_id(0) + first_chunk
     bh = tl.program_id(1).to(tl.int64)
     batch, head = bh // n_heads, bh % n_heads
+    kv_head = head // n_groups
+    kv_bh = batch * (n_heads // n_groups) + kv_head
     pos = tl.arange(0, BT)
     q_rows = chunk * BT + pos - row_shift
     q_ok = (q_rows >= 0) & (q_rows < t_q)
     k_rows = chunk * BT + pos
     k_ok = k_rows < t_k
     q_base = q_ptr + batch * stride_q_b + head * stride_q_h
-    k_base = k_ptr + batch * stride_k_b + head * stride_k_h
-    v_base = v_ptr + batch * stride_v_b + head * stride_v_h
+    k_base = k_ptr + batch * stride_k_b + kv_head * stride_k_h
+    v_base = v_ptr + batch * stride_v_b + kv_head * stride_v_h
     qd_base = qd_ptr + batch * stride_qd_b + head * stride_qd_h
-    kd_base = kd_ptr + batch * stride_kd_b + head * stride_kd_h
-    vd_base = vd_ptr + batch * stride_vd_b + head * stride_vd_h
+    kd_base = kd_ptr + batch * stride_kd_b + kv_head * stride_kd_h
+    vd_base = vd_ptr + batch * stride_vd_b + kv_head * stride_vd_h
     o_base = o_ptr + batch * stride_o_b + head * stride_o_h
-    state_offset = bh * stride_state_bh + chunk * stride_state_chunk
+    state_offset = kv_bh * stride_state_bh + chunk * stride_state_chunk
     acc_dtype = g_ptr.dtype.element_ty
 
     # quad = q^T G_in qd + q^T Gd_in q + sum_j s_ij sd_ij / c^2 (masked, inside the chunk)
@@ -696,6 +712,9 @@ class _Plan:
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, chunk: int) -> None:
         self.batch, self.heads, self.t_q, self.dim_k = q.shape
         self.t_k, self.dim_v = k.shape[2], v.shape[3]
+        # grouped-query heads: query head h reads key/value head h // groups, never a repeated copy
+        self.kv_heads = k.shape[1]
+        self.groups = self.heads // self.kv_heads
         self.causal = causal
         # fp32/fp64 on a GPU: chunks of at most WIDE_CHUNK_SIZE (see the tile sizes above)
         self.wide = q.is_cuda and q.element_size() >= 4
@@ -739,7 +758,8 @@ def _chunk_states(
     queries: bool,
     reverse: bool,
 ) -> Tensor:
-    """States ``[BH, NC, da, sum(dx)]``: column group ``g`` holds ``sum_terms sum_t w_t a_t x_t^T``.
+    """States ``[BH, NC, da, sum(dx)]``: column group ``g`` holds ``sum_terms sum_t w_t a_t x_t^T``
+    (``BH`` counts the key/value heads for key rows).
 
     Causal: the exclusive prefix over chunks (the suffix if ``reverse``); otherwise ``[BH, 1, ...]``
     totals. ``queries`` says the rows are queries (key-aligned chunks) rather than keys.
@@ -750,7 +770,8 @@ def _chunk_states(
     t_rows = plan.t_q if queries else plan.t_k
     n_chunks = plan.query_chunks if queries else plan.key_chunks
     row_shift = plan.query_shift if queries else 0
-    bh = plan.batch * plan.heads
+    heads = plan.heads if queries else plan.kv_heads
+    bh = plan.batch * heads
     states = torch.empty(bh, n_chunks, dim_a, sum(widths), dtype=plan.acc_dtype, device=a0.device)
     col = 0
     for group, width in zip(columns, widths, strict=True):
@@ -761,7 +782,7 @@ def _chunk_states(
             _chunk_outer_kernel[grid](
                 a, x, weight if weight is not None else a, out,
                 *a.stride(), *x.stride(), out.stride(0), out.stride(1), out.stride(2),
-                plan.heads, t_rows, row_shift, dim_a, width,
+                heads, t_rows, row_shift, dim_a, width,
                 HAS_WEIGHT=weight is not None, ACCUMULATE=term > 0,
                 BT=plan.chunk, BA=block_a, BX=block_x, DOT_PRECISION=plan.precision,
                 num_warps=4,
@@ -803,7 +824,7 @@ def _forward(
     _beta_chunk_fwd_kernel[grid](
         q, k, v, g, h, o, r,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *plan.state_strides(states),
-        plan.heads, plan.t_q, plan.t_k, plan.query_shift, plan.first_query_chunk,
+        plan.heads, plan.groups, plan.t_q, plan.t_k, plan.query_shift, plan.first_query_chunk,
         plan.dim_k, plan.dim_v, scale,
         CAUSAL=causal, **plan.kernel_args(FWD_LAUNCH),
     )  # fmt: skip
@@ -830,18 +851,19 @@ def _backward(
     fwd = _key_states(plan, k, v)
     rev = _chunk_states(plan, [[(q, q, coef_rho)], [(q, do, coef_a)]], queries=True, reverse=True)
     dq = _new_rows(plan, q, plan.dim_k, q.dtype)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # summed over the query heads of a group by the program of their key/value head
+    dk = torch.zeros(k.shape, dtype=plan.acc_dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=plan.acc_dtype, device=v.device)
     d = plan.dim_k
-    grid = (max(plan.query_chunks, plan.key_chunks), plan.batch * plan.heads)
+    grid = (max(plan.query_chunks, plan.key_chunks), plan.batch * plan.kv_heads)
     _beta_chunk_bwd_kernel[grid](
         q, k, v, do, fwd[..., :d], fwd[..., d:], rev[..., :d], rev[..., d:], coef_a, coef_rho, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         *plan.state_strides(fwd), *plan.state_strides(rev),
-        plan.heads, plan.t_q, plan.t_k, plan.query_shift, plan.dim_k, plan.dim_v, scale,
+        plan.heads, plan.groups, plan.t_q, plan.t_k, plan.query_shift, plan.dim_k, plan.dim_v, scale,
         CAUSAL=causal, SEED=seed, **plan.kernel_args(BWD_LAUNCH),
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _jvp(
@@ -865,7 +887,7 @@ def _jvp(
         q, k, v, qd, kd, vd, o, r, g, h, gd, hd, od,
         *q.stride(), *k.stride(), *v.stride(), *qd.stride(), *kd.stride(), *vd.stride(),
         *o.stride(), *od.stride(), *plan.state_strides(states),
-        plan.heads, plan.t_q, plan.t_k, plan.query_shift, plan.first_query_chunk, d, dv, scale,
+        plan.heads, plan.groups, plan.t_q, plan.t_k, plan.query_shift, plan.first_query_chunk, d, dv, scale,
         CAUSAL=causal, SEED=seed, **plan.kernel_args(BWD_LAUNCH),
     )  # fmt: skip
     return od
@@ -960,7 +982,8 @@ def beta_linear_attention_triton(
 ) -> Tensor:
     """beta attention in ``O(T d^2)`` with chunked Triton kernels for forward, backward and JVP.
 
-    ``q (B, H, Tq, d)``, ``k (B, H, Tk, d)``, ``v (B, H, Tk, dv)`` (any strides, d and dv any size;
+    ``q (B, H, Tq, d)``, ``k (B, H_kv, Tk, d)``, ``v (B, H_kv, Tk, dv)`` with ``H_kv`` dividing ``H``
+    (grouped-query heads, never repeated; any strides, d and dv any size;
     tiles of up to 64 are looped over) on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``chunk_size`` (a power of two >= 16) is the length of the diagonal score tile.
     """
