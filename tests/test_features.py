@@ -224,6 +224,30 @@ def test_kernels_never_repeat_keys_or_expand_masks(backend, name, monkeypatch):
     torch.testing.assert_close(out, want, **F64)
 
 
+def test_blockwise_key_gradients_are_formed_for_the_shared_heads_only(monkeypatch):
+    """The torch backend's backward and gradient of the JVP accumulate ``dk, dv`` (and the tangents')
+    in buffers of the ``H_kv`` heads, not one per query head that is summed afterwards."""
+    buffers = []
+    original = blockwise._Call.key_zeros
+    monkeypatch.setattr(
+        blockwise._Call, "key_zeros", lambda self, width: buffers.append(original(self, width)) or buffers[-1]
+    )
+    q, k, v = inputs((2, 8, 2, 19, 23, 8, 6))
+    f = attend("torch", "sigmoid", causal=True, enable_gqa=True)
+    tangents = [torch.randn_like(x) for x in (q, k, v)]
+    cotangent = torch.randn(2, 8, 19, 6, dtype=torch.float64)
+    got = all_derivatives(f, (q, k, v), cotangent, tangents)
+    tangent_loss = lambda *x: torch.func.jvp(f, x[:3], x[3:])[1].square().sum()  # noqa: E731
+    got += list(torch.func.grad(tangent_loss, argnums=tuple(range(6)))(q, k, v, *tangents))
+    assert buffers and all(b.shape[1:3] == (2, 1) for b in buffers)
+    reference = attend("reference", "sigmoid", causal=True, enable_gqa=True)
+    want = all_derivatives(reference, (q, k, v), cotangent, tangents)
+    want += list(torch.func.grad(lambda *x: torch.func.jvp(reference, x[:3], x[3:])[1].square().sum(),
+                                 argnums=tuple(range(6)))(q, k, v, *tangents))  # fmt: skip
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c, **F64)
+
+
 def test_a_broadcast_mask_stays_a_view():
     from normattn import _checks
 

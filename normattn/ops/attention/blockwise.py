@@ -12,7 +12,8 @@ docs/math.md written through the spec's coefficients (``Normalizer.terms``/``all
 
 Grouped-query heads are computed as ``(B, H_kv, G, T, d)`` queries against ``(B, H_kv, 1, T, d)``
 keys: matmuls broadcast over the group axis, the repeated keys are never formed, and key
-gradients are summed over the group. Tiles that the band (causal, sliding window) hides are never
+gradients fold the group into their product's contraction, so they are formed for the ``H_kv``
+heads only. Tiles that the band (causal, sliding window) hides are never
 visited, only tiles crossing a band edge build the band mask, and with an attention mask a tile
 with no visible pair is skipped. Half-precision inputs are computed in float32.
 """
@@ -67,8 +68,17 @@ class _Call:
         return x.unsqueeze(2).to(self.acc)
 
     def key_zeros(self, width: int) -> Tensor:
-        """Zeros ``(B, H_kv, G, Tk, width)``: per-query-head key gradients, summed by ``unshare``."""
-        return self.q.new_zeros(*self.q.shape[:3], self.t_k, width)
+        """Zeros ``(B, H_kv, 1, Tk, width)``: key-side gradients of the shared heads (``key_product``)."""
+        return self.q.new_zeros(*self.q.shape[:2], 1, self.t_k, width)
+
+    def key_product(self, x: Tensor, y: Tensor) -> Tensor:
+        """``sum_g x_g^T y_g`` over a group's query heads: ``[B, H_kv, G, R, K], [B, H_kv, G, R, e] ->
+        [B, H_kv, 1, K, e]``, the group folded into the contraction, so that a shared key's gradient is
+        formed once, never per query head. [K, G R] @ [G R, e] -> [K, e]"""
+        if self.groups == 1:
+            return x.transpose(-2, -1) @ y
+        x_t = x.permute(0, 1, 4, 2, 3).flatten(-2)  # [B, H_kv, K, G R]
+        return (x_t @ y.flatten(2, 3)).unsqueeze(2)
 
     def grouped_rows(self, x: Tensor) -> Tensor:
         """``(B, H, ...) -> (B, H_kv, G, ...)`` for per-head or per-row statistics."""
@@ -79,8 +89,8 @@ class _Call:
         return x.flatten(1, 2).to(self.dtype)
 
     def unshare(self, x: Tensor) -> Tensor:
-        """Key-side gradients ``(B, H_kv, G, T, e)`` summed over the group -> ``(B, H_kv, T, e)``."""
-        return x.sum(2).to(self.dtype)
+        """Key-side gradients ``(B, H_kv, 1, T, e) -> (B, H_kv, T, e)`` in the input dtype."""
+        return x.squeeze(2).to(self.dtype)
 
     def tiles(self):
         """Yield ``(rows, keys, visible)`` for the tiles with a visible pair.
@@ -320,9 +330,9 @@ def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out):
         keep = call.dropout(rows, keys)
         u = _dropped(g_r @ v_b.transpose(-2, -1), keep)  # [R, dv] @ [dv, K] -> [R, K]
         ds = a * u - d_row[..., rows, None] * b
-        dv[..., keys, :] += _dropped(w, keep).transpose(-2, -1) @ g_r  # [K, R] @ [R, dv]
+        dv[..., keys, :] += call.key_product(_dropped(w, keep), g_r)  # [K, R] @ [R, dv]
         dq[..., rows, :] += ds @ k_b  # [R, K] @ [K, d] -> [R, d]
-        dk[..., keys, :] += ds.transpose(-2, -1) @ q_r  # [K, R] @ [R, d] -> [K, d]
+        dk[..., keys, :] += call.key_product(ds, q_r)  # [K, R] @ [R, d] -> [K, d]
     dsinks = None
     if call.sinks is not None:
         dsinks = -(d_row * call.sink_weight(stat)).sum(-1).flatten(1, 2).to(sinks.dtype)
@@ -390,13 +400,13 @@ def tangent_backward(
         row_coefficient = h_out_dot[..., rows, None] - h_out_r * mu_r * (1 - c)
         ds = a2 * sd * u + a * (z - u * mu_r) - b * row_coefficient - h_out_r * b2 * sd
         dsd = a * u - h_out_r * b  # the ordinary backward with cotangent h
-        dv[..., keys, :] += _dropped(a * sd - w * mu_r, keep).transpose(-2, -1) @ h_r
+        dv[..., keys, :] += call.key_product(_dropped(a * sd - w * mu_r, keep), h_r)
         dq[..., rows, :] += ds @ k_b + dsd @ kd_b
-        dk[..., keys, :] += ds.transpose(-2, -1) @ q_r + dsd.transpose(-2, -1) @ qd_r
+        dk[..., keys, :] += call.key_product(ds, q_r) + call.key_product(dsd, qd_r)
         if need_tangent:
-            dvd[..., keys, :] += _dropped(w, keep).transpose(-2, -1) @ h_r
+            dvd[..., keys, :] += call.key_product(_dropped(w, keep), h_r)
             dqd[..., rows, :] += dsd @ k_b
-            dkd[..., keys, :] += dsd.transpose(-2, -1) @ q_r
+            dkd[..., keys, :] += call.key_product(dsd, q_r)
     dsinks = dsinks_dot = None
     if call.sinks is not None:
         sink_w = call.sink_weight(stat)
