@@ -523,3 +523,25 @@ def test_sliding_window_states_need_no_subtraction():
         q[..., -8:, :].double(), k.double(), v.double(), "beta", window=(left, 0), causal=True
     )
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_leaves_out_keys_no_query_sees(monkeypatch):
+    """A few queries at the end of a long key sequence (a decoding step) cost their windows, not the
+    sequence: the keys left of the first query's window are never visited, and get zero gradients."""
+    lengths = []
+    original = window._Layout
+    monkeypatch.setattr(
+        window, "_Layout", lambda length, *args: lengths.append(length) or original(length, *args)
+    )
+    q, k, v = inputs((1, 2, 1, 3, 500, 8, 8))
+    f = attend("torch", "beta", window=(10, 0), enable_gqa=True)
+    cotangent = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    tangents = [torch.randn_like(x) for x in (q, k, v)]
+    got = all_derivatives(f, (q, k, v), cotangent, tangents)
+    assert lengths and max(lengths) <= 3 + 10
+    want = all_derivatives(
+        attend("reference", "beta", window=(10, 0), enable_gqa=True), (q, k, v), cotangent, tangents
+    )
+    for what, a, c in zip(("out", "dq", "dk", "dv", "jvp"), got, want, strict=True):
+        torch.testing.assert_close(a, c, **F64, msg=what)
+    assert (got[2][..., : 500 - 13, :] == 0).all()

@@ -17,11 +17,14 @@ subtracted again (a difference of prefix states would lose ``T / L`` digits). Th
 per-chunk states takes ``O(log m)`` shifted additions. The backward sums ``R = sum_i a_i q_i g_i^T`` and
 ``W = sum_i rho_i q_i q_i^T`` over the queries that see a key the same way, in the other direction.
 
-Any ``Tq, Tk`` reduce to the square case by zero rows at the front (bottom-right alignment): a zero
-query sees nothing that matters and gets no gradient; a zero key adds nothing to either state.
+Any ``Tq, Tk`` reduce to the square case (bottom-right alignment): the keys left of the first query's
+window are dropped (a decoding step costs its window, not its cache), then zero rows go in front: a
+zero query sees nothing that matters and gets no gradient; a zero key adds nothing to either state.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +122,9 @@ class _Layout:
         return _window_sum(outer_sum(a, b), self.whole - 1, 1)
 
     def reverse_states(self, a: Tensor, b: Tensor) -> Tensor | None:
-        """Per chunk, ``sum_i a_i b_i^T`` over the queries of the ``m - 1`` whole chunks after it."""
-        return _window_sum(outer_sum(a, b), self.whole - 1, -1)
+        """Per chunk, ``sum_i a_i b_i^T`` over the queries of the ``m - 1`` whole chunks after it and
+        over the query heads of a group (axis 2): one state per shared key/value head."""
+        return _window_sum(outer_sum(a, b).sum(2, keepdim=True), self.whole - 1, -1)
 
 
 def _block_scores(q: Tensor, k: Tensor, back: int, lowest: int | None) -> Tensor:
@@ -190,8 +194,8 @@ def _backward(
         dq -= rho * hg_q[..., dv_width:]
         if exact:
             dq += ag @ states[..., :dv_width].transpose(-1, -2)  # [.., C, dv] @ [.., dv, d]
-    key_shape = torch.broadcast_shapes(qc.shape[:-1], kc.shape[:-1])
-    dk, dv = kc.new_zeros(*key_shape, kc.shape[-1]), vc.new_zeros(*key_shape, dv_width)
+    # key-side gradients of the shared heads only: the group is summed inside each product
+    dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
     later = layout.reverse_states(qc, torch.cat([ag, rho * qc], -1))  # [R | W]: [..., NC, d, dv + d]
     if later is not None:
         rw_k = kc @ later  # [..., NC, C, d] @ [..., NC, d, dv + d]
@@ -209,8 +213,11 @@ def _backward(
             )
         dq[..., rows, :, :] += ds @ _keys(kc, back)  # [..., C, C] @ [..., C, d]
         n = layout.n_chunks - back  # key chunks 0..n-1 get the gradient of these pairs
-        dk[..., :n, :, :] += ds.transpose(-1, -2) @ qc[..., rows, :, :]
-        dv[..., :n, :, :] += (a[..., rows, :, :] * s).transpose(-1, -2) @ go[..., rows, :, :]
+        # [C, G C] @ [G C, d] -> [C, d] per chunk: sum_g ds_g^T q_g
+        dk[..., :n, :, :] += torch.einsum("bhgnij,bhgnid->bhnjd", ds, qc[..., rows, :, :]).unsqueeze(2)
+        dv[..., :n, :, :] += torch.einsum(
+            "bhgnij,bhgnie->bhnje", a[..., rows, :, :] * s, go[..., rows, :, :]
+        ).unsqueeze(2)
     return layout.put(scale * dq), layout.put(dk), layout.put(dv)
 
 
@@ -271,56 +278,67 @@ def _steps(length: int, left: int):
         yield max(0, first - left), first, min(length, first + size)
 
 
-def _square(problem: Problem, q: Tensor, k: Tensor) -> tuple[int, int, int]:
-    """``(query rows, key rows)`` of zeros to put in front, and the square length."""
+class _Square(NamedTuple):
+    """A call as a square one: the keys no query sees are dropped, then zero rows put in front."""
+
+    length: int
+    q_rows: int  # zero query rows in front
+    k_rows: int  # zero key rows in front
+    unseen: int  # leading keys that no query sees (left of the first query's window)
+
+
+def _square(problem: Problem, q: Tensor, k: Tensor) -> _Square:
     obstacle = window_obstacle(problem)
     if obstacle is not None:
         raise ValueError(f"the sliding-window linear-time beta path: {obstacle}")
     t_q, t_k = q.shape[-2], k.shape[-2]
-    length = max(t_q, t_k)
-    return length - t_q, length - t_k, length
+    unseen = max(0, t_k - t_q - problem.left)  # query 0 sees keys from Tk - Tq - left on
+    length = max(t_q, t_k - unseen)
+    return _Square(length, length - t_q, length - (t_k - unseen), unseen)
 
 
 def _front(x: Tensor, rows: int) -> Tensor:
     return F.pad(x, (0, 0, rows, 0)) if rows else x
 
 
+def _keys_in(square: _Square, *xs: Tensor) -> list[Tensor]:
+    """Key-side inputs ``(B, H_kv, Tk, e)`` as ``(B, H_kv, 1, length, e)``."""
+    return [_front(x[..., square.unseen :, :].unsqueeze(2), square.k_rows) for x in xs]
+
+
 def _inputs(problem: Problem, q, k, v, *query_side):
-    """Grouped, square inputs: ``(length, q_rows, k_rows, q5, k5, v5, *query_side5)``."""
-    q_rows, k_rows, length = _square(problem, q, k)
-    kv = k.shape[1]
-    query = [_front(_grouped(x, kv), q_rows) for x in (q, *query_side)]
-    k5, v5 = (_front(x.unsqueeze(2), k_rows) for x in (k, v))
-    return length, q_rows, k_rows, query[0], k5, v5, query[1:]
+    """Grouped, square inputs: ``(square, q5, k5, v5, *query_side5)``."""
+    square = _square(problem, q, k)
+    query = [_front(_grouped(x, k.shape[1]), square.q_rows) for x in (q, *query_side)]
+    return square, query[0], *_keys_in(square, k, v), query[1:]
 
 
 def _rows(*xs: Tensor, start: int, stop: int) -> list[Tensor]:
     return [x[..., start:stop, :] for x in xs]
 
 
-def _key_grad(x: Tensor, rows: int, like: Tensor) -> Tensor:
-    """A key-side gradient ``(B, H_kv, G, T', e)`` summed over the group, padding dropped."""
-    return x[..., rows:, :].sum(2).to(like.dtype)
+def _key_grad(x: Tensor, square: _Square, like: Tensor) -> Tensor:
+    """A key-side gradient ``(B, H_kv, 1, length, e)`` without the padding, zero for the unseen keys."""
+    return _front(x[..., square.k_rows :, :].squeeze(2), square.unseen).to(like.dtype)
 
 
 def forward(problem: Problem, q, k, v, sinks, mask, seed):
-    length, q_rows, _, q5, k5, v5, _ = _inputs(problem, q, k, v)
+    square, q5, k5, v5, _ = _inputs(problem, q, k, v)
     parts = []
-    for start, first, stop in _steps(length, problem.left):
+    for start, first, stop in _steps(square.length, problem.left):
         layout = _Layout(stop - start, problem.left, CHUNK_SIZE)
         part = _forward(layout, *_rows(q5, k5, v5, start=start, stop=stop), problem.scale)
         parts.append(part[..., first - start :, :])
     out = torch.cat(parts, -2)
-    return _ungrouped(out[..., q_rows:, :], q), rows_placeholder(q)
+    return _ungrouped(out[..., square.q_rows :, :], q), rows_placeholder(q)
 
 
 def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out):
-    length, q_rows, k_rows, q5, k5, v5, (o5, g5) = _inputs(problem, q, k, v, out, grad_out)
+    square, q5, k5, v5, (o5, g5) = _inputs(problem, q, k, v, out, grad_out)
     acc = accumulation_dtype(q.dtype)
-    shape = torch.broadcast_shapes(q5.shape[:-1], k5.shape[:-1])
-    dk, dv = k5.new_zeros(*shape, k5.shape[-1], dtype=acc), v5.new_zeros(*shape, v5.shape[-1], dtype=acc)
+    dk, dv = k5.new_zeros(k5.shape, dtype=acc), v5.new_zeros(v5.shape, dtype=acc)  # the shared heads
     dq_parts = []
-    for start, first, stop in _steps(length, problem.left):
+    for start, first, stop in _steps(square.length, problem.left):
         layout = _Layout(stop - start, problem.left, CHUNK_SIZE)
         # the step's context queries belong to the step before: a zero cotangent leaves them out
         g_step = _front(g5[..., first:stop, :], first - start)
@@ -331,20 +349,21 @@ def backward(problem: Problem, q, k, v, sinks, mask, seed, out, stat, grad_out):
         dk[..., start:stop, :] += dk_step
         dv[..., start:stop, :] += dv_step
     dq = torch.cat(dq_parts, -2)
-    return _ungrouped(dq[..., q_rows:, :], q), _key_grad(dk, k_rows, k), _key_grad(dv, k_rows, v), None
+    dq = _ungrouped(dq[..., square.q_rows :, :], q)
+    return dq, _key_grad(dk, square, k), _key_grad(dv, square, v), None
 
 
 def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot):
-    length, q_rows, k_rows, q5, k5, v5, (o5, qd5) = _inputs(problem, q, k, v, out, q_dot)
-    kd5, vd5 = (_front(x.unsqueeze(2), k_rows) for x in (k_dot, v_dot))
+    square, q5, k5, v5, (o5, qd5) = _inputs(problem, q, k, v, out, q_dot)
+    kd5, vd5 = _keys_in(square, k_dot, v_dot)
     parts = []
-    for start, first, stop in _steps(length, problem.left):
+    for start, first, stop in _steps(square.length, problem.left):
         layout = _Layout(stop - start, problem.left, CHUNK_SIZE)
         tensors = _rows(q5, k5, v5, o5, qd5, kd5, vd5, start=start, stop=stop)
         part = _jvp(layout, *tensors, problem.scale, problem.grad)
         parts.append(part[..., first - start :, :])
     out_dot = torch.cat(parts, -2)
-    return _ungrouped(out_dot[..., q_rows:, :], q), rows_placeholder(q)
+    return _ungrouped(out_dot[..., square.q_rows :, :], q), rows_placeholder(q)
 
 
 def tangent_backward(
