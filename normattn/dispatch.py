@@ -17,7 +17,6 @@ from .ops.attention import blockwise, naive
 from .ops.attention.autograd import attention_function
 from .ops.attention.problem import Problem
 from .ops.beta_linear import window
-from .ops.beta_linear.window import window_obstacle
 from .ops.common import triton_usable
 
 ATTENTION_BACKENDS = ("auto", "reference", "torch", "triton", "triton-linear")
@@ -54,7 +53,7 @@ def linear_time_obstacle(
     if problem.left is not None or problem.right not in (None, 0):
         if not sliding_window:
             return 'this backend has no linear-time sliding window (backend="torch" has window=(left, 0))'
-        obstacle = window_obstacle(problem)
+        obstacle = window.window_obstacle(problem)
         if obstacle is not None:
             return obstacle
     if not is_key_padding(mask):

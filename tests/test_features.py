@@ -233,18 +233,18 @@ def test_blockwise_key_gradients_are_formed_for_the_shared_heads_only(monkeypatc
         blockwise._Call, "key_zeros", lambda self, width: buffers.append(original(self, width)) or buffers[-1]
     )
     q, k, v = inputs((2, 8, 2, 19, 23, 8, 6))
-    f = attend("torch", "sigmoid", causal=True, enable_gqa=True)
     tangents = [torch.randn_like(x) for x in (q, k, v)]
     cotangent = torch.randn(2, 8, 19, 6, dtype=torch.float64)
-    got = all_derivatives(f, (q, k, v), cotangent, tangents)
-    tangent_loss = lambda *x: torch.func.jvp(f, x[:3], x[3:])[1].square().sum()  # noqa: E731
-    got += list(torch.func.grad(tangent_loss, argnums=tuple(range(6)))(q, k, v, *tangents))
+
+    def derivatives(backend):
+        f = attend(backend, "sigmoid", causal=True, enable_gqa=True)
+        tangent_loss = lambda *x: torch.func.jvp(f, x[:3], x[3:])[1].square().sum()  # noqa: E731
+        tangent_grads = torch.func.grad(tangent_loss, argnums=tuple(range(6)))(q, k, v, *tangents)
+        return all_derivatives(f, (q, k, v), cotangent, tangents) + list(tangent_grads)
+
+    got = derivatives("torch")
     assert buffers and all(b.shape[1:3] == (2, 1) for b in buffers)
-    reference = attend("reference", "sigmoid", causal=True, enable_gqa=True)
-    want = all_derivatives(reference, (q, k, v), cotangent, tangents)
-    want += list(torch.func.grad(lambda *x: torch.func.jvp(reference, x[:3], x[3:])[1].square().sum(),
-                                 argnums=tuple(range(6)))(q, k, v, *tangents))  # fmt: skip
-    for a, c in zip(got, want, strict=True):
+    for a, c in zip(got, derivatives("reference"), strict=True):
         torch.testing.assert_close(a, c, **F64)
 
 

@@ -37,6 +37,7 @@ from .chunk import (
     _grouped,
     _norm_term_coefficient,
     _rowdot,
+    _take,
     _ungrouped,
     norm_from_squared,
     outer_sum,
@@ -104,13 +105,7 @@ class _Layout:
 
     def take(self, x: Tensor, acc: torch.dtype, scale: float | None = None) -> Tensor:
         """``[..., T, e] -> [..., NC, C, e]`` in the accumulation dtype, zero-padded at the end."""
-        x = x.to(acc)
-        if scale is not None:
-            x = scale * x
-        padded = self.n_chunks * self.chunk
-        if padded != x.shape[-2]:
-            x = F.pad(x, (0, 0, 0, padded - x.shape[-2]))
-        return x.unflatten(-2, (self.n_chunks, self.chunk))
+        return _take(x, slice(None), self, acc, scale)
 
     def put(self, x: Tensor) -> Tensor:
         """``[..., NC, C, e] -> [..., T, e]`` without the padding."""
@@ -133,12 +128,11 @@ def _block_scores(q: Tensor, k: Tensor, back: int, lowest: int | None) -> Tensor
 
     ``[..., NC - back, C, d] @ [..., NC - back, d, C] -> [..., NC - back, C, C]``
     """
-    n = q.shape[-3]
-    s = q[..., back:, :, :] @ k[..., : n - back, :, :].transpose(-1, -2)
-    return s.tril() if lowest is None else s.triu(lowest)
+    return _visible(q[..., back:, :, :] @ _keys(k, back).transpose(-1, -2), lowest)
 
 
 def _visible(x: Tensor, lowest: int | None) -> Tensor:
+    """A block masked to the pairs a query sees (``_block_scores``)."""
     return x.tril() if lowest is None else x.triu(lowest)
 
 
