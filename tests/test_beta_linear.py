@@ -7,6 +7,7 @@ FlashAttention's error rule.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -148,6 +149,44 @@ def test_default_group_size_long_sequence(causal, monkeypatch):
     torch.testing.assert_close(ours(q, k, v), ref(q, k, v), **F64)
     assert_all_close(vjp(ours, (q, k, v), g), vjp(ref, (q, k, v), g), **F64)
     torch.testing.assert_close(jvp(ours, (q, k, v), tangents), jvp(ref, (q, k, v), tangents), **F64)
+
+
+# (B, H, H_kv, Tq, Tk, d, dv, chunk): groups of 40 positions; prefix keys, blind queries, GQA
+TANGENT_CASES = [
+    (1, 2, 2, 1, 1, 3, 5, 16), (2, 4, 2, 63, 63, 24, 8, 16), (1, 3, 1, 130, 130, 5, 3, 64),
+    (1, 2, 1, 70, 5, 8, 4, 16), (2, 2, 2, 20, 97, 8, 4, 16), (1, 4, 2, 257, 257, 4, 6, 16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", TANGENT_CASES, ids=str)
+def test_tangent_backward_is_the_derivative_of_the_backward(case, causal):
+    """The hand-derived gradient of ``<h, Od>`` equals forward mode through the hand-derived backward
+    (docs/math.md, section 7: the tangent of ``J^T h``), for the primal inputs and, with
+    ``need_tangent``, the tangents; a zero query row (``r = 0``) included."""
+    b, h, h_kv, t_q, t_k, d, dv, chunk_size = case
+    q, q_dot = (torch.randn(b, h, t_q, d, dtype=torch.float64) for _ in range(2))
+    q[:, :, t_q // 2] = 0
+    k, k_dot = (torch.randn(b, h_kv, t_k, d, dtype=torch.float64) for _ in range(2))
+    v, v_dot = (torch.randn(b, h_kv, t_k, dv, dtype=torch.float64) for _ in range(2))
+    cotangent = torch.randn(b, h, t_q, dv, dtype=torch.float64)
+    problem = beta_problem(q, causal=causal, scale=0.8)
+    none = (None,) * 3
+    out, stat = chunk.forward(problem, q, k, v, *none, chunk_size=chunk_size)
+    tangents = (q_dot, k_dot, v_dot, None)
+    out_dot, aux = chunk.jvp(problem, q, k, v, *none, out, stat, *tangents, chunk_size=chunk_size)
+    args = (problem, q, k, v, *none, out, stat, q_dot, k_dot, v_dot, None, out_dot, aux, cotangent)
+    got = chunk.tangent_backward(*args, chunk_size=chunk_size)
+    want = chunk.tangent_backward_through(
+        functools.partial(chunk.backward, chunk_size=chunk_size),
+        problem, q, k, v, out, q_dot, k_dot, v_dot, out_dot, cotangent, True,
+    )  # fmt: skip
+    for name, a, c in zip(("dq", "dk", "dv", "dsinks", "dqd", "dkd", "dvd"), got, want, strict=False):
+        if c is not None:
+            torch.testing.assert_close(a, c, **F64, msg=name)
+    primal_only = chunk.tangent_backward(*args, need_tangent=False, chunk_size=chunk_size)
+    assert primal_only[4:] == (None,) * 4
+    assert_all_close(primal_only[:3], want[:3], **F64)
 
 
 # (Tq, Tk): causal masks align bottom-right, so Tq > Tk leaves leading rows with no key at all

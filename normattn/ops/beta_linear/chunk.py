@@ -95,17 +95,25 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1, keepdim=True)
 
 
-def _take(x: Tensor, rows: slice, layout: _Layout, acc: torch.dtype, scale: float | None = None) -> Tensor:
+def _take(
+    x: Tensor | tuple[Tensor, ...], rows: slice, layout: _Layout, acc: torch.dtype, scale: float | None = None
+) -> Tensor:
     """Rows of ``x`` in the accumulation dtype as chunks ``[..., NC, C, e]``, zero-padded at the end:
-    zero rows add nothing to any sum."""
-    x = x[..., rows, :].to(acc)
+    zero rows add nothing to any sum. A tuple of tensors is taken side by side (concatenated along
+    the last dim: one product of ``[a | b]`` instead of one of ``a`` and one of ``b``)."""
+    if isinstance(x, tuple):
+        x = torch.cat([t[..., rows, :] for t in x], -1).to(acc)
+    else:
+        x = x[..., rows, :].to(acc)
     if scale is not None:
         x = scale * x
     length = x.shape[-2]
     n_chunks = -(-length // layout.chunk)
     if n_chunks * layout.chunk != length:
         x = F.pad(x, (0, 0, 0, n_chunks * layout.chunk - length))
-    return x.unflatten(-2, (n_chunks, layout.chunk))
+    # contiguous: the rows of a group are not (the heads are T rows apart), and a matmul on such a
+    # view copies it first, every time it is used
+    return x.unflatten(-2, (n_chunks, layout.chunk)).contiguous()
 
 
 def _put(dest: Tensor, rows: slice, chunks: Tensor, length: int) -> None:
@@ -129,9 +137,14 @@ def _forward_states(a: Tensor | None, b: Tensor | None, carry: Tensor) -> tuple[
     one after another (one matmul, one cumulative sum over the chunk axis). Not causal
     (``a is None``): every query sees exactly ``carry``.
     """
-    if a is None:
+    # [..., NC, C, m]^T @ [..., NC, C, n] -> [..., NC, m, n]
+    return _forward_sums(None if a is None else outer_sum(a, b), carry)
+
+
+def _forward_sums(per_chunk: Tensor | None, carry: Tensor) -> tuple[Tensor, Tensor]:
+    """``_forward_states`` from the per-chunk sums ``[..., NC, m, n]`` (None: not causal)."""
+    if per_chunk is None:
         return carry.unsqueeze(-3), carry
-    per_chunk = outer_sum(a, b)  # [..., NC, C, m]^T @ [..., NC, C, n] -> [..., NC, m, n]
     states = torch.empty_like(per_chunk)
     states[..., :1, :, :] = carry.unsqueeze(-3)
     states[..., 1:, :, :] = per_chunk[..., :-1, :, :]
@@ -142,8 +155,13 @@ def _forward_states(a: Tensor | None, b: Tensor | None, carry: Tensor) -> tuple[
 def _reverse_states(a: Tensor, b: Tensor, carry: Tensor, causal: bool) -> tuple[Tensor | None, Tensor]:
     """The reverse of ``_forward_states`` for ``sum_i a_i b_i^T`` over queries: per chunk the sum
     over the later chunks of the group plus ``carry`` (the later groups), and the carry before the
-    group. Computed in place as total minus inclusive prefix (no flipped copies)."""
-    per_chunk = outer_sum(a, b)
+    group."""
+    return _reverse_sums(outer_sum(a, b), carry, causal)
+
+
+def _reverse_sums(per_chunk: Tensor, carry: Tensor, causal: bool) -> tuple[Tensor | None, Tensor]:
+    """``_reverse_states`` from the per-chunk sums ``[..., NC, m, n]`` (overwritten), in place as
+    total minus inclusive prefix (no flipped copies)."""
     total = per_chunk.sum(-3, keepdim=True)
     if not causal:
         return None, carry + total.squeeze(-3)
@@ -367,6 +385,157 @@ def _jvp(
     return od
 
 
+def _tangent_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    q_dot: Tensor,
+    k_dot: Tensor,
+    v_dot: Tensor,
+    out_dot: Tensor,
+    h: Tensor,
+    scale: float,
+    causal: bool,
+    chunk_size: int,
+    need_tangent: bool,
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor] | None]:
+    """The gradient of ``<h, Od>`` (docs/math.md, section 9), in the accumulation dtype: ``(dq, dk,
+    dv)`` for the primal inputs and, when ``need_tangent``, ``(dqd, dkd, dvd)`` for the tangents.
+
+    The tangents get ``_backward``'s formulas with ``g = h``; the primal inputs get the tangent of
+    those formulas along ``(qd, kd, vd, Od)``, written out: each state has its tangent state, each
+    row coefficient its derivative (``rd = P / r`` with ``P_i = sum_j s_ij sd_ij``, ``ad = -a^2 rd``,
+    ``kappad = -kappa rd (a + 1 / r)``, ``rhod = (h.Od) kappa + (h.O) kappad``), each diagonal tile
+    its tangent tile.
+
+    Every product is one matmul on views of two side-by-side buffers, the keys ``K = [kd | vd | k | v]``
+    and the query coefficients ``A = [-rho q | ag | -(rho q)d | agd]``:
+
+    * key states ``Z = k^T K + [kd^T [k | v], 0] = [Gd | Hd | G | H]`` (``Gd = sum k kd^T + kd k^T``);
+    * query states ``X = A^T q + [0 ; A[:, :d+e]^T qd] = [-W ; R^T ; -Wd ; Rd^T]``, so that ``K X`` is
+      the tangent of ``dk = R v - W k`` and ``[k | v] X[:d+e]`` is ``dk``;
+    * diagonal tiles ``ds = A[:, :d+e] [k | v]^T`` and ``dsd = A K^T`` (masked to ``j <= i``).
+    """
+    acc = accumulation_dtype(q.dtype)
+    layout = _Layout.of(q.shape[-2], k.shape[-2], causal, chunk_size)
+    d, e = q.shape[-1], v.shape[-1]
+    de = d + e
+    dq, dk, dv = (x.new_zeros(x.shape, dtype=acc) for x in (q, k, v))
+    tangent = tuple(x.new_zeros(x.shape, dtype=acc) for x in (q, k, v)) if need_tangent else None
+    keys = (k_dot, v_dot, k, v)  # side by side: K = [kd | vd | k | v], [..., Tk, 2d + 2e]
+    prefix = torch.cat([_prefix(x, layout, acc) for x in keys], -1)
+    # the key chunks and the key states each chunk starts from, kept for the reverse sweep
+    state = _key_states(prefix, d, e)  # [..., d, 2d + 2e]
+    groups = layout.groups()
+    chunk_states = []
+    for group in groups:
+        kc = _take(keys, group.keys, layout, acc) if causal else None
+        states, state = _forward_sums(None if kc is None else _key_states(kc, d, e), state)
+        chunk_states.append((kc, states))  # [..., NC, C, 2d + 2e], [..., NC, d, 2d + 2e]
+    del kc, state
+    # the query states of the later groups, grouped heads summed
+    after = q.new_zeros(*k.shape[:-2], 2 * de, d, dtype=acc)
+    for group in reversed(groups):
+        kc, states = chunk_states.pop()
+        qq = _take((q, q_dot), group.queries, layout, acc, scale)  # [q | qd]
+        qc, qc_dot = qq[..., :d], qq[..., d:]
+        g = _take(h, group.queries, layout, acc)
+        h_out = _rowdot(g, _take(out, group.queries, layout, acc))
+        h_out_dot = _rowdot(g, _take(out_dot, group.queries, layout, acc))
+        g_dot, h_dot = states[..., :d], states[..., d:de]
+        g_state, h_state = states[..., de : de + d], states[..., de + d :]
+        gq = qc @ g_state  # [..., NC, C, d] @ [..., NC, d, d] -> [..., NC, C, d]
+        gq_dot = qc @ g_dot + qc_dot @ g_state
+        s = s_dot = None
+        if causal:
+            k_dot_c, k_c = kc[..., :d], kc[..., de : de + d]
+            s = _diagonal_scores(qc, k_c)
+            s_dot = (qc @ k_dot_c.transpose(-1, -2)).add_(qc_dot @ k_c.transpose(-1, -2)).tril_()
+        r = _score_norm(qc, gq, s)
+        # P_i = q^T G qd + q^T (sum k kd^T) q + own tile = (q . (Gd q + G qd) + qd . G q) / 2 + own tile
+        p = _rowdot(qc, gq_dot).add_(_rowdot(qc_dot, gq)).mul_(0.5)
+        if causal:
+            p += (s * s_dot).sum(-1, keepdim=True)
+        positive = r > 0
+        safe = torch.where(positive, r, 1)
+        r_dot = torch.where(positive, p / safe, 0)
+        a = 1 / (1 + r)
+        kappa = _norm_term_coefficient(r, True)
+        a_dot, kappa_dot = -a * a * r_dot, -kappa * r_dot * (a + 1 / safe)
+        rho, rho_dot = h_out * kappa, h_out_dot * kappa + h_out * kappa_dot
+        coefficients = qq.new_empty(*qq.shape[:-1], 2 * de)  # A = [-rho q | ag | -(rho q)d | agd]
+        ag = coefficients[..., d:de]
+        torch.mul(qc, -rho, out=coefficients[..., :d])
+        torch.mul(g, a, out=ag)
+        torch.mul(qc, -rho_dot, out=coefficients[..., de : de + d]).sub_(rho * qc_dot)
+        torch.mul(g, a_dot, out=coefficients[..., de + d :])
+        # dq_i = H_i ag_i - rho_i G_i q_i over earlier keys (the chunk's own come with ds), and its tangent
+        dq_tangent = (ag @ h_state.transpose(-1, -2)).sub_(rho * gq) if tangent is not None else None
+        dq_c = ag @ h_dot.transpose(-1, -2)
+        dq_c += coefficients[..., de + d :] @ h_state.transpose(-1, -2)
+        dq_c -= rho_dot * gq + rho * gq_dot
+        del states, gq, gq_dot
+        # X = A^T q + [0 ; A[:, :d+e]^T qd], per chunk, grouped heads summed
+        x_chunks = outer_sum(coefficients, qc)  # [..., NC, 2d + 2e, d]
+        x_chunks[..., de:, :] += outer_sum(coefficients[..., :de], qc_dot)
+        if x_chunks.shape[2] > 1:
+            x_chunks = x_chunks.sum(2, keepdim=True)
+        later, after = _reverse_sums(x_chunks, after, causal)
+        del x_chunks
+        if causal:
+            kv_c = kc[..., de:]  # [k | v]
+            ds = (coefficients[..., :de] @ kv_c.transpose(-1, -2)).tril_()  # [.., C, d+e] @ [.., d+e, C]
+            ds_dot = (coefficients @ kc.transpose(-1, -2)).tril_()  # [.., C, 2d+2e] @ [.., 2d+2e, C]
+            if tangent is not None:
+                dq_tangent += ds @ k_c
+            dq_c += ds @ k_dot_c
+            dq_c += ds_dot @ k_c
+            # keys: the later queries through X, the chunk's own through the tiles (group summed)
+            own = _group_sum_tn(ds, qq)  # [ds^T q | ds^T qd]
+            dk_c = kc @ later  # [.., C, 2d + 2e] @ [.., 2d + 2e, d]
+            dk_c += own[..., d:] + _group_sum_tn(ds_dot, qc)
+            r_state, r_dot = later[..., d:de, :].transpose(-1, -2), later[..., de + d :, :].transpose(-1, -2)
+            if tangent is not None:
+                _put(tangent[1], group.keys, (kv_c @ later[..., :de, :]).add_(own[..., :d]), group.length)
+                _put(tangent[2], group.keys, (k_c @ r_state).add_(_group_sum_tn(a * s, g)), group.length)
+            dv_c = k_c @ r_dot + k_dot_c @ r_state  # dv = R^T k and its tangent
+            dv_c += _group_sum_tn(s_dot.mul_(a).add_(s.mul_(a_dot)), g)
+            _put(dk, group.keys, dk_c, group.length)
+            _put(dv, group.keys, dv_c, group.length)
+        _put(dq, group.queries, dq_c.mul_(scale), group.length)
+        if tangent is not None:
+            _put(tangent[0], group.queries, dq_tangent.mul_(scale), group.length)
+    # the prefix keys are seen by every active query
+    if layout.n_prefix:
+        kp = prefix
+        k_p, k_dot_p = kp[..., de : de + d], kp[..., :d]
+        r_state, r_dot = after[..., d:de, :].transpose(-1, -2), after[..., de + d :, :].transpose(-1, -2)
+        dk[..., : layout.n_prefix, :] = kp @ after
+        dv[..., : layout.n_prefix, :] = k_p @ r_dot + k_dot_p @ r_state
+        if tangent is not None:
+            tangent[1][..., : layout.n_prefix, :] = kp[..., de:] @ after[..., :de, :]
+            tangent[2][..., : layout.n_prefix, :] = k_p @ r_state
+    return (dq, dk, dv), tangent
+
+
+def _key_states(keys: Tensor, d: int, e: int) -> Tensor:
+    """``[Gd | Hd | G | H]`` of the key rows ``K = [kd | vd | k | v]`` (``[..., n, 2d + 2e]``, or
+    chunks of them): ``k^T K`` plus ``kd^T [k | v]`` on the first ``d + e`` columns."""
+    de = d + e
+    states = outer_sum(keys[..., de : de + d], keys)  # [..., d, 2d + 2e]
+    states[..., :de] += outer_sum(keys[..., :d], keys[..., de:])
+    return states
+
+
+def _group_sum_tn(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_{g, i} a_gij b_gie`` per chunk, ``[.., G, NC, I, J], [.., G, NC, I, E] -> [.., 1, NC, J,
+    E]``: a key's tile term summed over the query heads of its group."""
+    if a.shape[-4] == 1 and b.shape[-4] == 1:
+        return a.transpose(-1, -2) @ b
+    return torch.einsum("...gnij,...gnie->...nje", a, b).unsqueeze(-4)
+
+
 def _options(problem: Problem, chunk_size: int) -> tuple[float, bool, str, int]:
     if problem.left is not None or problem.right not in (None, 0):
         raise ValueError("the linear-time beta path computes full or causal attention only")
@@ -421,11 +590,20 @@ def tangent_backward(
     problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot, out_dot, aux, h,
     need_tangent: bool = True, chunk_size: int = CHUNK_SIZE,
 ):  # fmt: skip
-    """The gradient of ``<h, Od>`` by forward mode through the hand-derived backward."""
-    backward_of = functools.partial(backward, chunk_size=chunk_size)
-    return tangent_backward_through(
-        backward_of, problem, q, k, v, out, q_dot, k_dot, v_dot, out_dot, h, need_tangent
-    )
+    """The gradient of ``<h, Od>`` for the primal inputs and the tangents (``_tangent_backward``)."""
+    kv = k.shape[1]
+    if problem.grad != "exact":
+        raise ValueError('the tangent backward is defined for grad="exact" only')
+    primal, tangent = _tangent_backward(
+        _grouped(q, kv), k.unsqueeze(2), v.unsqueeze(2), _grouped(out, kv), _grouped(q_dot, kv),
+        k_dot.unsqueeze(2), v_dot.unsqueeze(2), _grouped(out_dot, kv), _grouped(h, kv),
+        *_options(problem, chunk_size)[:2], chunk_size, need_tangent,
+    )  # fmt: skip
+
+    def ungroup(dq, dk, dv):
+        return _ungrouped(dq, q), dk.squeeze(2).to(k.dtype), dv.squeeze(2).to(v.dtype)
+
+    return (*ungroup(*primal), None, *(ungroup(*tangent) if need_tangent else (None,) * 3), None)
 
 
 def tangent_backward_through(
