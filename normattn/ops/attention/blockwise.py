@@ -164,6 +164,12 @@ class _Call:
             values = [masked[id(x)] for x in values]
         return (*values, c) if second else tuple(values)
 
+    def softmax_weights(self, s: Tensor, stat: Tensor, visible: Tensor | None) -> Tensor:
+        """softmax's ``terms``, the one tensor ``w = exp(s - L)`` (0 where hidden, and in a row with
+        ``L = inf``), computed in place on the tile's scores ``s``: without the spec's temporaries."""
+        w = s.sub_(stat[..., None]).exp_()
+        return w if visible is None else w.masked_fill_(~visible, 0.0)
+
     def sink_weight(self, stat: Tensor) -> Tensor:
         """``alpha_i / N_i`` of the sink, ``exp(a_h - L_i)`` (0 for a row whose statistic is inf)."""
         return torch.exp(self.sinks[..., None] - stat)
@@ -350,10 +356,18 @@ def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v
     mu = torch.zeros_like(stat)  # sum_j b sd
     for rows, keys, visible in call.tiles():
         sd = call.score_tangent(rows, keys)
-        w, a, b = call.terms(call.scores(rows, keys), stat[..., rows], visible)
+        s = call.scores(rows, keys)
+        if problem.normalizer == SOFTMAX and problem.grad == "exact":
+            w = a = b = call.softmax_weights(s, stat[..., rows], visible)
+        else:
+            w, a, b = call.terms(s, stat[..., rows], visible)
         keep = call.dropout(rows, keys)
-        a_sd = a * sd
-        mu[..., rows] += (a_sd if b is a else b * sd).sum(-1)
+        if b is a:  # softmax: mu sums the same products; sd is not needed after them
+            a_sd = sd.mul_(a)
+            mu[..., rows] += a_sd.sum(-1)
+        else:
+            a_sd = a * sd
+            mu[..., rows] += (b * sd).sum(-1)
         acc_rows = acc[..., rows, :]
         acc_rows += _dropped(a_sd, keep) @ call.v[..., keys, :]  # [R, K] @ [K, dv] -> [R, dv]
         acc_rows += _dropped(w, keep) @ vd[..., keys, :]
@@ -388,19 +402,31 @@ def tangent_backward(
         call.key_zeros(dv_width),
         call.key_zeros(dv_width),
     )
+    # softmax's five coefficients are the weight w: the closed form, in place on the tile's temporaries
+    closed_form = problem.normalizer == SOFTMAX and problem.grad == "exact" and problem.dropout_p == 0
     for rows, keys, visible in call.tiles():
         q_r, qd_r, h_r = call.q[..., rows, :], qd[..., rows, :], h[..., rows, :]
         k_b, kd_b, v_b, vd_b = call.k[..., keys, :], kd[..., keys, :], call.v[..., keys, :], vd[..., keys, :]
         s, sd = call.scores(rows, keys), call.score_tangent(rows, keys)
-        w, a, b, a2, b2, c = call.terms(s, stat[..., rows], visible, second=True)
-        keep = call.dropout(rows, keys)
         mu_r, h_out_r = mu[..., rows, None], h_out[..., rows, None]
-        u = _dropped(h_r @ v_b.transpose(-2, -1), keep)  # h_i . v_j  [R, K]
-        z = _dropped(h_r @ vd_b.transpose(-2, -1), keep)  # h_i . vd_j
-        row_coefficient = h_out_dot[..., rows, None] - h_out_r * mu_r * (1 - c)
-        ds = a2 * sd * u + a * (z - u * mu_r) - b * row_coefficient - h_out_r * b2 * sd
-        dsd = a * u - h_out_r * b  # the ordinary backward with cotangent h
-        dv[..., keys, :] += call.key_product(_dropped(a * sd - w * mu_r, keep), h_r)
+        if closed_form:
+            # dsd = w (u - hO), ds = (sd - mu) dsd + w (z - hOd), dv term w (sd - mu) (docs/math.md, 7)
+            w = call.softmax_weights(s, stat[..., rows], visible)
+            dsd = (h_r @ v_b.transpose(-2, -1)).sub_(h_out_r).mul_(w)  # [R, dv] @ [dv, K] -> [R, K]
+            z = (h_r @ vd_b.transpose(-2, -1)).sub_(h_out_dot[..., rows, None])
+            sd -= mu_r
+            dv[..., keys, :] += call.key_product(w * sd, h_r)
+            ds = sd.mul_(dsd).addcmul_(z, w)
+            keep = None
+        else:
+            w, a, b, a2, b2, c = call.terms(s, stat[..., rows], visible, second=True)
+            keep = call.dropout(rows, keys)
+            u = _dropped(h_r @ v_b.transpose(-2, -1), keep)  # h_i . v_j  [R, K]
+            z = _dropped(h_r @ vd_b.transpose(-2, -1), keep)  # h_i . vd_j
+            row_coefficient = h_out_dot[..., rows, None] - h_out_r * mu_r * (1 - c)
+            ds = a2 * sd * u + a * (z - u * mu_r) - b * row_coefficient - h_out_r * b2 * sd
+            dsd = a * u - h_out_r * b  # the ordinary backward with cotangent h
+            dv[..., keys, :] += call.key_product(_dropped(a * sd - w * mu_r, keep), h_r)
         dq[..., rows, :] += ds @ k_b + dsd @ kd_b
         dk[..., keys, :] += call.key_product(ds, q_r) + call.key_product(dsd, qd_r)
         if need_tangent:
