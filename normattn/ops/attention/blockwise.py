@@ -251,9 +251,13 @@ def _fused_forward(problem: Problem, q: Tensor, k: Tensor, v: Tensor) -> tuple[T
 
 
 def _fused_backward(problem: Problem, q, k, v, out, lse, grad_out) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    for rows, keys, mask, causal in _fused_band_chunks(problem, q, k):
+    chunks = list(_fused_band_chunks(problem, q, k))
+    if len(chunks) == 1:  # one call covers every row and key: its gradients are the gradients
+        _, _, mask, causal = chunks[0]
+        return backward_op(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=problem.scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows, keys, mask, causal in chunks:
         dq_rows, dk_keys, dv_keys = backward_op(
             grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
             lse[:, :, rows], 0.0, causal, attn_mask=mask, scale=problem.scale,
