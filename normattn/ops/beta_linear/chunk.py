@@ -1,4 +1,5 @@
-"""Linear-time exact beta attention in plain PyTorch: chunked forward, backward and JVP.
+"""Linear-time exact beta attention in plain PyTorch: chunked forward, backward, JVP and the
+gradient through the JVP.
 
 beta attention (docs/math.md, sections 4 and 9) weighs row ``i`` of the scores as ``s_ij / (1 + r_i)`` with
 ``r_i = ||s_i||``. The numerator is linear and ``r_i^2`` quadratic in the scores, so every sum over
@@ -18,6 +19,9 @@ chunks come from one batched matmul and one cumulative sum over the chunk axis; 
 single ``d x d`` state is carried (forward) or ``R, W`` are carried back (backward). So the Python
 loop runs ``T / GROUP_SIZE`` times, never per position or per chunk, and the per-chunk temporaries
 (``T d^2 / C`` and ``T C`` numbers per head if made for all chunks at once) stay a fixed size.
+The gradient through the JVP is the exception: it keeps each group's key chunks and chunk states
+from its forward sweep for the reverse one (``2 (d + e) (T + T d / C)`` numbers per key head, about
+eight inputs' worth at ``C = d = e``) rather than recomputing them.
 
 Bottom-right causal alignment with ``Tq != Tk`` reduces to the square case: when ``Tq > Tk`` the
 first ``Tq - Tk`` queries see nothing (output 0, gradient 0) and are left out; when ``Tq < Tk`` the
@@ -616,6 +620,8 @@ def tangent_backward_through(
     ``x`` is its tangent along ``(t, Od)`` (docs/math.md, "Gradients through the JVP"); its value is
     ``J^T h``, the gradient with respect to the tangents. One ``torch.func.jvp`` call gives both, in
     ``O(T d^2)`` time and memory like the backward itself (grouped-query heads as the backward has them).
+    The sliding-window form uses it; the chunked form's ``tangent_backward`` is written out (about
+    half the cost) and tested against it.
     """
 
     def vjp_of(q, k, v, out):

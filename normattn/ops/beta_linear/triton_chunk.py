@@ -972,8 +972,8 @@ def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v
     return out_dot, chunk.rows_placeholder(q)
 
 
-# The gradient of the tangent output runs the torch chunked path's forward mode through its
-# backward (exact and linear-time, in torch ops on the same device), not a fused kernel.
+# The gradient of the tangent output runs the torch chunked path's written-out tangent backward
+# (exact and linear-time, in torch ops on the same device), not a fused kernel.
 KERNELS = Kernels("triton-linear", forward, backward, jvp, chunk.tangent_backward)
 
 

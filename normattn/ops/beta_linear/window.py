@@ -364,7 +364,7 @@ def tangent_backward(
     problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v_dot, sinks_dot, out_dot, aux, h,
     need_tangent: bool = True,
 ):  # fmt: skip
-    """The gradient of ``<h, Od>`` by forward mode through ``backward`` (as in ``chunk.py``)."""
+    """The gradient of ``<h, Od>``: forward mode through ``backward`` (``tangent_backward_through``)."""
     return tangent_backward_through(
         backward, problem, q, k, v, out, q_dot, k_dot, v_dot, out_dot, h, need_tangent
     )
