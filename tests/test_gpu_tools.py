@@ -374,7 +374,7 @@ def test_training_data_falls_back_to_a_stand_in_only_in_a_dry_run(tmp_path, monk
     monkeypatch.delenv("NORMATTN_DATA_DIR", raising=False)
     monkeypatch.setattr(gpu_check, "CARRIED_DATA", tmp_path / "absent")
     assert gpu_check.find_data(False, tmp_path) is None
-    stand_in = gpu_check.find_data(True, tmp_path)
+    stand_in = gpu_check.find_data(True, tmp_path / "runs" / "not-made-yet")
     assert stand_in is not None and len(stand_in.read_text()) > 1000
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / gpu_check.DATA_NAME).write_text("text")

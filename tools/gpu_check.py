@@ -404,6 +404,7 @@ def find_data(dry_run: bool, scratch: Path) -> Path | None:
         return None
     stand_in = scratch / "stand-in.txt"
     if not stand_in.exists():
+        scratch.mkdir(parents=True, exist_ok=True)  # a fresh clone has no runs/ yet
         words = [
             "to",
             "be",
