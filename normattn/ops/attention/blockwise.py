@@ -46,6 +46,8 @@ class _Call:
         self.groups = heads // self.kv_heads
         self.q = self.grouped(q)  # [B, Hkv, G, Tq, d]
         self.q_scaled = problem.scale * self.q
+        # exact softmax: its five coefficients are one exponential, evaluated in place (``terms``)
+        self.softmax = problem.normalizer == SOFTMAX and problem.grad == "exact"
         self.k, self.v = self.shared(k), self.shared(v)  # [B, Hkv, 1, Tk, d]
         self.sinks = None if sinks is None else self.grouped_rows(sinks)  # [B, Hkv, G]
         self.mask = None
@@ -150,7 +152,14 @@ class _Call:
     def terms(self, s: Tensor, stat: Tensor, visible: Tensor | None, second: bool = False):
         """The spec's coefficients of a tile, 0 where a pair is not visible: ``(w, a, b)``, or with
         ``second`` ``(w, a, b, a2, b2, c)``. Coefficients the spec computes as one tensor (softmax's
-        five are one exponential) stay one tensor."""
+        five are one exponential) stay one tensor. The tile's scores ``s`` are consumed: softmax's
+        ``w = exp(s - L)`` (0 in a row with ``L = inf``) is computed in place on them, without the
+        spec's temporaries."""
+        if self.softmax:
+            w = s.sub_(stat[..., None]).exp_()
+            if visible is not None:
+                w.masked_fill_(~visible, 0.0)
+            return (w, w, w, w, w, torch.zeros_like(stat[..., None])) if second else (w, w, w)
         spec, p = self.problem.normalizer, self.problem.parameter
         if second:
             *values, c = spec.all_terms(s, stat, p)
@@ -163,12 +172,6 @@ class _Call:
                     masked[id(x)] = torch.where(visible, x, 0.0)
             values = [masked[id(x)] for x in values]
         return (*values, c) if second else tuple(values)
-
-    def softmax_weights(self, s: Tensor, stat: Tensor, visible: Tensor | None) -> Tensor:
-        """softmax's ``terms``, the one tensor ``w = exp(s - L)`` (0 where hidden, and in a row with
-        ``L = inf``), computed in place on the tile's scores ``s``: without the spec's temporaries."""
-        w = s.sub_(stat[..., None]).exp_()
-        return w if visible is None else w.masked_fill_(~visible, 0.0)
 
     def sink_weight(self, stat: Tensor) -> Tensor:
         """``alpha_i / N_i`` of the sink, ``exp(a_h - L_i)`` (0 for a row whose statistic is inf)."""
@@ -360,11 +363,7 @@ def jvp(problem: Problem, q, k, v, sinks, mask, seed, out, stat, q_dot, k_dot, v
     mu = torch.zeros_like(stat)  # sum_j b sd
     for rows, keys, visible in call.tiles():
         sd = call.score_tangent(rows, keys)
-        s = call.scores(rows, keys)
-        if problem.normalizer == SOFTMAX and problem.grad == "exact":
-            w = a = b = call.softmax_weights(s, stat[..., rows], visible)
-        else:
-            w, a, b = call.terms(s, stat[..., rows], visible)
+        w, a, b = call.terms(call.scores(rows, keys), stat[..., rows], visible)
         keep = call.dropout(rows, keys)
         if b is a:  # softmax: mu sums the same products; sd is not needed after them
             a_sd = sd.mul_(a)
@@ -407,7 +406,7 @@ def tangent_backward(
         call.key_zeros(dv_width),
     )
     # softmax's five coefficients are the weight w: the closed form, in place on the tile's temporaries
-    closed_form = problem.normalizer == SOFTMAX and problem.grad == "exact" and problem.dropout_p == 0
+    closed_form = call.softmax and problem.dropout_p == 0
     for rows, keys, visible in call.tiles():
         q_r, qd_r, h_r = call.q[..., rows, :], qd[..., rows, :], h[..., rows, :]
         k_b, kd_b, v_b, vd_b = call.k[..., keys, :], kd[..., keys, :], call.v[..., keys, :], vd[..., keys, :]
@@ -415,7 +414,7 @@ def tangent_backward(
         mu_r, h_out_r = mu[..., rows, None], h_out[..., rows, None]
         if closed_form:
             # dsd = w (u - hO), ds = (sd - mu) dsd + w (z - hOd), dv term w (sd - mu) (docs/math.md, 7)
-            w = call.softmax_weights(s, stat[..., rows], visible)
+            w = call.terms(s, stat[..., rows], visible)[0]
             dsd = (h_r @ v_b.transpose(-2, -1)).sub_(h_out_r).mul_(w)  # [R, dv] @ [dv, K] -> [R, K]
             z = (h_r @ vd_b.transpose(-2, -1)).sub_(h_out_dot[..., rows, None])
             sd -= mu_r

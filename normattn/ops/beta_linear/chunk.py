@@ -512,13 +512,12 @@ def _tangent_backward(
             _put(tangent[0], group.queries, dq_tangent.mul_(scale), group.length)
     # the prefix keys are seen by every active query
     if layout.n_prefix:
-        kp = prefix
-        k_p, k_dot_p = kp[..., de : de + d], kp[..., :d]
+        k_p, k_dot_p = prefix[..., de : de + d], prefix[..., :d]
         r_state, r_dot = after[..., d:de, :].transpose(-1, -2), after[..., de + d :, :].transpose(-1, -2)
-        dk[..., : layout.n_prefix, :] = kp @ after
+        dk[..., : layout.n_prefix, :] = prefix @ after
         dv[..., : layout.n_prefix, :] = k_p @ r_dot + k_dot_p @ r_state
         if tangent is not None:
-            tangent[1][..., : layout.n_prefix, :] = kp[..., de:] @ after[..., :de, :]
+            tangent[1][..., : layout.n_prefix, :] = prefix[..., de:] @ after[..., :de, :]
             tangent[2][..., : layout.n_prefix, :] = k_p @ r_state
     return (dq, dk, dv), tangent
 
